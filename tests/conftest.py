@@ -1,0 +1,33 @@
+"""Shared fixtures: the offline tiny checkpoint (built once per session) and paths to the real sample frames."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("VLM_DEPTH_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """Folder of the offline tiny Qwen2.5-VL checkpoint (random weights, local tokenizer, real processor)."""
+    from vlm_depth.config import TinyConfig
+    from vlm_depth.model.tiny import build_tiny_checkpoint
+
+    out = tmp_path_factory.mktemp("tiny") / "ckpt"
+    build_tiny_checkpoint(TinyConfig(out=str(out)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """`../shared/data` (real RGB-D frames); tests that need it are skipped with a reason when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real sample frames not found at {SHARED_DATA} (set VLM_DEPTH_SHARED_DATA)")
+    return SHARED_DATA

@@ -1,0 +1,38 @@
+"""The CLI lists the commands of DESIGN.md and parses configs with file + override precedence."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from vlm_depth.config import SynthConfig, parse_config
+from vlm_depth.errors import ConfigError
+
+
+def test_help_lists_every_design_command():
+    out = subprocess.run([sys.executable, "-m", "vlm_depth", "--help"], capture_output=True, text=True, check=True)
+    for name in ["demo", "tiny", "synth", "train", "complete", "eval", "bench"]:
+        assert f"  {name} " in out.stdout
+
+
+def test_cli_overrides_win_over_config_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("num: 3\nseed: 7\n")
+    cfg = parse_config(SynthConfig, ["--config", str(path), "--num", "5"])
+    assert (cfg.num, cfg.seed) == (5, 7)
+
+
+def test_unknown_keys_are_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("nmu: 3\n")
+    with pytest.raises(ConfigError, match="unknown keys"):
+        parse_config(SynthConfig, ["--config", str(path)])
+    with pytest.raises(ConfigError, match="unknown arguments"):
+        parse_config(SynthConfig, ["--nmu", "3"])
+
+
+def test_unknown_command_exits_nonzero():
+    out = subprocess.run([sys.executable, "-m", "vlm_depth", "nope"], capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown command" in out.stderr

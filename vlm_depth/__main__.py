@@ -1,0 +1,5 @@
+import sys
+
+from vlm_depth.cli import main
+
+sys.exit(main())

@@ -1,0 +1,135 @@
+"""One dataclass config per command, parsed by `transformers.HfArgumentParser`.
+
+Every command accepts `--config FILE.yaml` followed by `--key value` overrides; the command line wins over the
+file, the file wins over the dataclass defaults. `save_config` writes the resolved config next to an output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from vlm_depth.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TinyConfig:
+    """`vlm-depth tiny`: write the offline tiny Qwen2.5-VL checkpoint."""
+
+    out: str = _help("Output folder (an ordinary Hugging Face checkpoint folder).", default="runs/tiny")
+    seed: int = _help("Seed for the random weights.", default=0)
+    hidden_size: int = _help("Text hidden size (multiple of num_heads; head_dim must be 32).", default=128)
+    num_layers: int = _help("Number of text decoder layers.", default=2)
+    vision_depth: int = _help("Number of vision transformer blocks.", default=2)
+    max_pixels: int = _help("Image processor max_pixels (28*28*tokens).", default=28 * 28 * 100)
+    min_pixels: int = _help("Image processor min_pixels.", default=28 * 28 * 4)
+
+
+@dataclass
+class SynthConfig:
+    """`vlm-depth synth`: synthetic RGB-D scenes with simulated stereo-sensor failures."""
+
+    out: str = _help("Output folder (the `folder` dataset format).", default="runs/synth")
+    num: int = _help("Number of frames.", default=8)
+    seed: int = _help("Seed; output is byte-for-byte reproducible for a seed.", default=0)
+    height: int = _help("Image height in pixels.", default=240)
+    width: int = _help("Image width in pixels.", default=320)
+    preview: bool = _help("Also write a side-by-side preview PNG (RGB | GT | sensor | error).", default=False)
+
+
+@dataclass
+class DemoConfig:
+    """`vlm-depth demo`: the main job on the embedded default (tiny model + synthetic sensor data)."""
+
+    out: str = _help("Output folder for the whole demo run.", default="runs/demo")
+    seed: int = _help("Seed for data, training and evaluation.", default=0)
+
+
+@dataclass
+class BenchConfig:
+    """`vlm-depth bench decoder|train`: speed ratios measured in one run, printed as JSON."""
+
+    what: str = _help("What to benchmark: `decoder` or `train`.", default="decoder")
+    model: str = _help("Checkpoint folder (a vlm-depth or plain Qwen2.5-VL checkpoint).", default="")
+    out: str = _help("Optional folder for the JSON result and the resolved config.", default="")
+
+
+def _split_config_arg(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a YAML file path")
+            return argv[i + 1], argv[:i] + argv[i + 2 :]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1], argv[:i] + argv[i + 1 :]
+    return None, argv
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping (config file, recipe, suite); a clear error if it is missing or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with path.open() as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def parse_config(classes: type[T] | tuple[type, ...], argv: Sequence[str] | None = None, prog: str | None = None):
+    """Parse `[--config FILE.yaml] [--key value ...]` into one dataclass instance (or a tuple for several classes).
+
+    Unknown keys in the file or on the command line are errors, never silently ignored.
+    """
+    from transformers import HfArgumentParser
+
+    argv = sys.argv[1:] if argv is None else argv
+    single = not isinstance(classes, tuple)
+    class_tuple = (classes,) if single else classes
+    parser = HfArgumentParser(class_tuple, prog=prog)
+    parser.add_argument("--config", default=None, help="YAML file with key: value pairs; CLI flags override it.")
+    config_path, rest = _split_config_arg(argv)
+    if config_path is not None:
+        values = load_yaml(config_path)
+        known = {f.name for cls in class_tuple for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{config_path}: unknown keys {unknown}; known keys: {sorted(known)}")
+        parser.set_defaults(**values)
+    outputs = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
+    *configs, remaining = outputs
+    if remaining:
+        raise ConfigError(f"unknown arguments: {' '.join(remaining)}")
+    return configs[0] if single else tuple(configs)
+
+
+def config_to_dict(*configs: Any) -> dict[str, Any]:
+    """Merge dataclass configs into one plain dict (later ones win on a clash)."""
+    out: dict[str, Any] = {}
+    for cfg in configs:
+        out.update(dataclasses.asdict(cfg))
+    return out
+
+
+def save_config(out_dir: str | Path, *configs: Any, name: str = "config.yaml") -> Path:
+    """Write the resolved config(s) as YAML into `out_dir` and return the file path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    with path.open("w") as f:
+        yaml.safe_dump(config_to_dict(*configs), f, sort_keys=False)
+    return path

@@ -1,0 +1,201 @@
+"""Offline tiny Qwen2.5-VL checkpoint: small config with random weights, a locally trained byte-level BPE tokenizer
+that splits numbers into single digits (like Qwen2's), and the real Qwen2.5-VL processor.
+
+The folder it writes is an ordinary Hugging Face checkpoint: `Qwen2_5_VLForConditionalGeneration.from_pretrained`
+and `AutoProcessor.from_pretrained` load it with no network, through the same code path as
+`Qwen/Qwen2.5-VL-3B-Instruct`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from vlm_depth.config import TinyConfig, save_config
+from vlm_depth.resources import REPO_ROOT
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen2-VL's chat template (images and videos as placeholders, default system prompt).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_BASE_TEXT = [
+    "system",
+    "user",
+    "assistant",
+    "You are a helpful assistant.",
+    "Picture 1: Video 1:",
+    "The image shows a room, a street, a table, a wall, a floor, a window, a car and the sky.",
+    "Complete the depth map. Predict the metric depth of every pixel in meters.",
+    "The pixel at (x, y) = (12, 34) is 5.678 meters away from the camera.",
+]
+
+
+def _prompt_corpus() -> Iterator[str]:
+    """Every string in the prompt templates (top-level `prompts/`), so the tokenizer covers their vocabulary."""
+    import yaml
+
+    def strings(node: Any) -> Iterator[str]:
+        if isinstance(node, str):
+            yield node.replace("{x}", "1.234").replace("{y}", "5.678")
+        elif isinstance(node, dict):
+            for value in node.values():
+                yield from strings(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from strings(value)
+
+    for path in sorted((REPO_ROOT / "prompts").glob("*.yaml")):
+        yield from strings(yaml.safe_load(path.read_text()))
+
+
+def build_tokenizer(vocab_size: int = 640):
+    """Train a Qwen2-style byte-level BPE (digits split one by one) on the prompt corpus; returns Qwen2Tokenizer."""
+    import json
+
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import Qwen2Tokenizer
+
+    reference = Qwen2Tokenizer(vocab={"<|endoftext|>": 0}, merges=[])  # Qwen2's own normalizer/pre-tokenizer
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = reference.backend_tokenizer.normalizer
+    bpe.pre_tokenizer = reference.backend_tokenizer.pre_tokenizer
+    from tokenizers import pre_tokenizers
+
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    corpus = list(_BASE_TEXT) + list(_prompt_corpus())
+    bpe.train_from_iterator(corpus * 4, trainer)
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    tokenizer = Qwen2Tokenizer(
+        vocab=state["vocab"],
+        merges=merges,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        model_max_length=32768,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_config(tokenizer, cfg: TinyConfig):
+    """A small but structurally complete Qwen2_5_VLConfig (M-RoPE sections sum to head_dim / 2)."""
+    from transformers import Qwen2_5_VLConfig
+
+    heads = cfg.hidden_size // 32
+    vocab = (len(tokenizer) + 63) // 64 * 64
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text = dict(
+        vocab_size=vocab,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=2 * cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
+    vision = dict(
+        depth=cfg.vision_depth,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=2,
+        in_channels=3,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        out_hidden_size=cfg.hidden_size,
+        fullatt_block_indexes=[cfg.vision_depth - 1],
+        tokens_per_second=2,
+    )
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+
+
+def build_processor(tokenizer, min_pixels: int, max_pixels: int):
+    """The real Qwen2.5-VL processor around `tokenizer`, with a small pixel budget."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    video_processor = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    return Qwen2_5_VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_checkpoint(cfg: TinyConfig) -> dict[str, Any]:
+    """Write the tiny checkpoint folder `cfg.out`; returns a summary (path, parameter count, vocabulary size)."""
+    import torch
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    out = Path(cfg.out)
+    tokenizer = build_tokenizer()
+    config = tiny_config(tokenizer, cfg)
+    torch.manual_seed(cfg.seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    text = config.text_config
+    model.generation_config = GenerationConfig(
+        bos_token_id=text.bos_token_id,
+        eos_token_id=[text.eos_token_id, text.bos_token_id],
+        pad_token_id=text.pad_token_id,
+        do_sample=False,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    build_processor(tokenizer, cfg.min_pixels, cfg.max_pixels).save_pretrained(out)
+    save_config(out, cfg, name="vlm_depth_tiny.yaml")
+    return {
+        "out": str(out),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": config.text_config.vocab_size,
+        "tokenizer_size": len(tokenizer),
+    }
