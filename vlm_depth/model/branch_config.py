@@ -1,0 +1,69 @@
+"""The `vlm_depth` config block of a DepthVLM checkpoint: everything the depth branch, pointer mode and heads need
+to be rebuilt exactly. Saved as `vlm_depth_config.json` next to the Hugging Face weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from vlm_depth.errors import ConfigError
+
+CONFIG_NAME = "vlm_depth_config.json"
+
+
+@dataclass
+class DepthBranchConfig:
+    """Depth injection (VLM-DC "Sparse Depth Injection"), depth encoding, pixel identification and heads."""
+
+    fusion: Literal["soft", "he_init", "hard_concat"] = field(
+        default="soft",
+        metadata={
+            "help": "soft: zero-init fusion branch added to patch tokens (paper default); he_init: same "
+            "blocks, He init; hard_concat: depth as an extra input channel of a widened patch embedding."
+        },
+    )
+    depth_encoding: Literal["metric", "inverse", "log", "pde"] = field(
+        default="pde",
+        metadata={
+            "help": "metric (m / max_depth), inverse (1 m / depth), log (log depth, scaled), or pde: "
+            "Vanishing Depth's sinusoidal positional depth encoding. Missing depth is a separate state."
+        },
+    )
+    pde_channels: int = field(default=32, metadata={"help": "Channels of the sinusoidal depth encoding (even)."})
+    max_depth: float = field(default=80.0, metadata={"help": "Depth scale in meters for encodings and clipping."})
+    depth_channels: int = field(default=32, metadata={"help": "Width of the zero-init depth conv (S-hat)."})
+    rgb_channels: int = field(default=32, metadata={"help": "Width of the small RGB conv encoder (F-hat)."})
+    fusion_channels: int = field(default=64, metadata={"help": "Width of the two fusion conv layers."})
+    patch_embed_init: Literal["copy", "shared"] = field(
+        default="copy",
+        metadata={"help": "F_e2: copy of the native patch embedding (trainable) or shared with it."},
+    )
+    query_mode: Literal["coords", "pointer"] = field(
+        default="coords", metadata={"help": "How a query names its pixel: coordinates as text, or a pointer token."}
+    )
+    pointer_token: str = field(default="<|depth_pointer|>", metadata={"help": "Special token of pointer mode."})
+    pointer_fourier: int = field(default=16, metadata={"help": "Fourier features of the pointer's sub-token offset."})
+    template: str = field(default="paper", metadata={"help": "Prompt template name (top-level prompts/)."})
+    decimals: int = field(default=3, metadata={"help": "Decimals of answers in meters."})
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / CONFIG_NAME
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True))
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> DepthBranchConfig:
+        path = Path(folder) / CONFIG_NAME
+        data = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def exists(cls, folder: str | Path) -> bool:
+        return (Path(folder) / CONFIG_NAME).is_file()
