@@ -55,8 +55,8 @@ def packed_position_ids(
     mm_token_type_ids: torch.Tensor,
     image_grid_thw: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`model` is a Qwen2.5-VL `...ForConditionalGeneration` (or subclass). Qwen2.5-VL 3-D M-RoPE position ids (3, B, L) for a packed batch, and the first text position after each
-    prefix (B,), which cached decoding needs for later blocks.
+    """Qwen2.5-VL 3-D M-RoPE position ids (3, B, L) for a packed batch, and the first text position after each
+    prefix (B,), which cached decoding needs for later blocks. `model`: a Qwen2.5-VL ForConditionalGeneration.
 
     Prefix positions come from the model's own `get_rope_index` (computed over the prefix tokens only); every query
     block continues from the prefix's last position as if it were the only block.
