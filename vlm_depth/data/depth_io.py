@@ -1,0 +1,202 @@
+"""The one place where depth and RGB files are read and written; depth leaves here as float32 meters.
+
+Encodings: integer images (16-bit PNG/TIFF) hold `meters * scale` (1000 for millimetres, 256 for KITTI/VOID,
+5000 for TUM, 100 for Virtual KITTI 2), 0 = no measurement; `.npy` and HDF5 hold float meters (integer arrays there
+are divided by `scale` like PNGs). 8-bit and 3-channel "depth" images are refused: they are visualisations, not
+measurements.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+
+from vlm_depth.data.sample import sanitize_depth
+from vlm_depth.errors import ConfigError, DataError
+
+UINT16_MAX = 65535
+HDF5_SUFFIXES = (".h5", ".hdf5")
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
+
+
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise DataError(f"file not found: {path}")
+
+
+def _integer_to_meters(values: np.ndarray, scale: float | None, path: Path) -> np.ndarray:
+    if scale is None:
+        raise ConfigError(
+            f"{path}: integer depth ({values.dtype}) needs a scale (units per meter: 1000 for millimetres, "
+            "256 for KITTI/VOID, 5000 for TUM, 100 for Virtual KITTI 2)"
+        )
+    if not scale > 0:
+        raise ConfigError(f"{path}: depth scale must be > 0, got {scale}")
+    return (values.astype(np.float64) / scale).astype(np.float32)
+
+
+def _array_to_meters(values: np.ndarray, scale: float | None, path: Path) -> np.ndarray:
+    if values.ndim == 3 and values.shape[2] == 1:
+        values = values[..., 0]
+    if values.ndim != 2:
+        raise DataError(f"{path}: depth must be a single (H, W) map, got shape {values.shape}")
+    if np.issubdtype(values.dtype, np.floating):
+        return values.astype(np.float32)
+    if np.issubdtype(values.dtype, np.integer):
+        return _integer_to_meters(values, scale, path)
+    raise DataError(f"{path}: unsupported depth dtype {values.dtype}")
+
+
+def _read_depth_image(path: Path, scale: float | None) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise DataError(f"{path}: cannot decode the image")
+    if image.ndim == 3 and image.shape[2] > 1:
+        raise DataError(
+            f"{path}: depth image has {image.shape[2]} channels; a colour(-mapped) image is a visualisation, "
+            "not a depth measurement (expected a single-channel 16-bit image)"
+        )
+    if image.dtype == np.uint8:
+        raise DataError(
+            f"{path}: depth image is 8-bit; 8 bits cannot hold metric depth (a visualisation?). "
+            "Expected a 16-bit image (e.g. millimetres) or a float32 .npy in meters"
+        )
+    return _array_to_meters(image, scale, path)
+
+
+def _read_depth_hdf5(path: Path, scale: float | None, key: str | None) -> np.ndarray:
+    with h5py.File(path, "r") as f:
+        if key is None:
+            names = [name for name, item in f.items() if isinstance(item, h5py.Dataset)]
+            if len(names) != 1:
+                raise DataError(f"{path}: {len(names)} top-level datasets {names}; say which with key=")
+            key = names[0]
+        if key not in f or not isinstance(f[key], h5py.Dataset):
+            raise DataError(f"{path}: no dataset {key!r}")
+        values = f[key][()]
+    return _array_to_meters(np.asarray(values), scale, path)
+
+
+def read_depth(path: str | Path, scale: float | None = None, key: str | None = None) -> np.ndarray:
+    """Read a depth map as (H, W) float32 meters, 0 = missing (NaN/inf are kept; `RGBDSample` masks them).
+
+    path: a 16-bit PNG/TIFF (value / `scale`), a `.npy` (float meters; allow_pickle=False) or an HDF5 file
+    (dataset `key`, default: the file's only top-level dataset). `scale` (units per meter) is required for integer
+    encodings and unused for float ones.
+    """
+    path = Path(path)
+    _require_file(path)
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return _read_depth_image(path, scale)
+    if suffix == ".npy":
+        try:
+            values = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise DataError(f"{path}: not a plain numeric .npy array ({exc})") from exc
+        return _array_to_meters(values, scale, path)
+    if suffix in HDF5_SUFFIXES:
+        return _read_depth_hdf5(path, scale, key)
+    raise DataError(f"{path}: unknown depth file type {suffix!r} (expected .png, .tif, .npy, .h5/.hdf5)")
+
+
+def read_raw_float32(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
+    """Read a headerless little-endian float32 buffer of `shape` (e.g. ETH3D depth files) as float32 meters."""
+    path = Path(path)
+    _require_file(path)
+    values = np.fromfile(path, dtype="<f4")
+    if values.size != shape[0] * shape[1]:
+        raise DataError(f"{path}: {values.size} float32 values, expected {shape[0]}x{shape[1]}")
+    return values.reshape(shape).astype(np.float32)
+
+
+def encode_depth(depth_m: np.ndarray, scale: float, what: str = "depth") -> np.ndarray:
+    """(H, W) float meters -> uint16 `round(depth * scale)`; 0/NaN/inf/negative -> 0, tiny positives -> 1.
+
+    Raises DataError if a value would exceed 65535 (choose a smaller scale) rather than wrapping or clipping it.
+    """
+    depth_m = np.asarray(depth_m, dtype=np.float64)
+    if depth_m.ndim != 2:
+        raise DataError(f"{what}: depth must have shape (H, W), got {depth_m.shape}")
+    if not scale > 0:
+        raise ConfigError(f"{what}: depth scale must be > 0, got {scale}")
+    valid = np.isfinite(depth_m) & (depth_m > 0)
+    codes = np.zeros(depth_m.shape, dtype=np.float64)
+    codes[valid] = np.rint(depth_m[valid] * scale)
+    if valid.any() and codes.max() > UINT16_MAX:
+        raise DataError(
+            f"{what}: max depth {depth_m[valid].max():.3f} m x scale {scale} exceeds the uint16 range "
+            f"({UINT16_MAX / scale:.3f} m); use a smaller depth scale or .npy"
+        )
+    codes[valid] = np.maximum(codes[valid], 1)  # a measured point must stay a measurement
+    return codes.astype(np.uint16)
+
+
+def _write_image(path: Path, image: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), image):
+        raise DataError(f"{path}: could not write the image")
+    return path
+
+
+def write_depth_png(path: str | Path, depth_m: np.ndarray, scale: float = 1000.0) -> Path:
+    """Write (H, W) float meters as a uint16 PNG holding `round(depth * scale)` (see `encode_depth`)."""
+    path = Path(path)
+    return _write_image(path, encode_depth(depth_m, scale, what=str(path)))
+
+
+def write_depth_npy(path: str | Path, depth_m: np.ndarray) -> Path:
+    """Write (H, W) depth as float32 meters to `.npy` (non-finite/negative values stored as 0)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, sanitize_depth(np.asarray(depth_m, dtype=np.float32), str(path)), allow_pickle=False)
+    return path
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Read an 8-bit image as (H, W, 3) uint8 RGB (grayscale is replicated, alpha dropped, EXIF rotation ignored)."""
+    path = Path(path)
+    _require_file(path)
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise DataError(f"{path}: cannot decode the image")
+    if image.dtype != np.uint8:
+        raise DataError(f"{path}: RGB image must be 8-bit, got {image.dtype} (a depth map passed as RGB?)")
+    if image.ndim == 2:
+        return np.repeat(image[..., None], 3, axis=2)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    if image.shape[2] == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    raise DataError(f"{path}: unsupported number of channels {image.shape[2]}")
+
+
+def write_rgb(path: str | Path, rgb: np.ndarray) -> Path:
+    """Write (H, W, 3) uint8 RGB to an image file (PNG is lossless)."""
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise DataError(f"{path}: rgb must be (H, W, 3) uint8, got {rgb.dtype} {rgb.shape}")
+    return _write_image(Path(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+
+def read_label_png(path: str | Path) -> np.ndarray:
+    """Read a single-channel 8/16-bit label or mask image (e.g. material ids) as (H, W) integers."""
+    path = Path(path)
+    _require_file(path)
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise DataError(f"{path}: cannot decode the image")
+    if image.ndim != 2:
+        raise DataError(f"{path}: a label map must be single-channel, got shape {image.shape}")
+    return image
+
+
+def write_label_png(path: str | Path, labels: np.ndarray) -> Path:
+    """Write a (H, W) uint8 or uint16 label/mask map as PNG (lossless)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.dtype not in (np.uint8, np.uint16):
+        raise DataError(f"{path}: labels must be (H, W) uint8/uint16, got {labels.dtype} {labels.shape}")
+    return _write_image(Path(path), labels)
