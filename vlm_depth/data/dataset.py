@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -94,6 +94,14 @@ class RGBDDataset:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, n={len(self)})"
+
+
+def build_sample(files: Sequence[str | Path], **fields: Any) -> RGBDSample:
+    """`RGBDSample(**fields)`, with any validation error (shape, aspect ratio, dtype) naming the source files."""
+    try:
+        return RGBDSample(**fields)
+    except DataError as exc:
+        raise DataError(f"{exc} [files: {', '.join(str(f) for f in files)}]") from exc
 
 
 def _import_readers() -> None:

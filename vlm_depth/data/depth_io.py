@@ -1,4 +1,4 @@
-"""The one place where depth and RGB files are read and written; depth leaves here as float32 meters.
+"""The one place where depth, RGB and camera files are read and written; depth leaves here as float32 meters.
 
 Encodings: integer images (16-bit PNG/TIFF) hold `meters * scale` (1000 for millimetres, 256 for KITTI/VOID,
 5000 for TUM, 100 for Virtual KITTI 2), 0 = no measurement; `.npy` and HDF5 hold float meters (integer arrays there
@@ -8,13 +8,14 @@ measurements.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
 import h5py
 import numpy as np
 
-from vlm_depth.data.sample import sanitize_depth
+from vlm_depth.data.sample import Intrinsics, sanitize_depth
 from vlm_depth.errors import ConfigError, DataError
 
 UINT16_MAX = 65535
@@ -200,3 +201,54 @@ def write_label_png(path: str | Path, labels: np.ndarray) -> Path:
     if labels.ndim != 2 or labels.dtype not in (np.uint8, np.uint16):
         raise DataError(f"{path}: labels must be (H, W) uint8/uint16, got {labels.dtype} {labels.shape}")
     return _write_image(Path(path), labels)
+
+
+def _numbers_in_text(path: Path) -> np.ndarray:
+    """All numbers of the lines of a text file that consist only of numbers (header/comment lines are skipped)."""
+    values: list[float] = []
+    for line in path.read_text().splitlines():
+        tokens = line.replace(",", " ").split()
+        try:
+            values += [float(t) for t in tokens]
+        except ValueError:
+            continue
+    return np.asarray(values, dtype=np.float64)
+
+
+def intrinsics_from_matrix(values: np.ndarray, source: str) -> Intrinsics:
+    """(fx, fy, cx, cy) from 4 numbers (fx fy cx cy) or a row-major 3x3 K, 3x4 P or 4x4 matrix."""
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    if values.size == 4:
+        fx, fy, cx, cy = values
+    elif values.size in (9, 12, 16):
+        k = values.reshape(-1, 3 if values.size == 9 else 4)
+        fx, fy, cx, cy = k[0, 0], k[1, 1], k[0, 2], k[1, 2]
+    else:
+        raise DataError(f"{source}: expected fx fy cx cy or a 3x3/3x4/4x4 camera matrix, got {values.size} numbers")
+    return (float(fx), float(fy), float(cx), float(cy))
+
+
+def read_intrinsics(path: str | Path) -> Intrinsics:
+    """Read (fx, fy, cx, cy) in pixels from `.json` ({"fx","fy","cx","cy"}), `.npy` (3x3 K) or a text file.
+
+    Text files may hold `fx fy cx cy` or a row-major 3x3 K / 3x4 P / 4x4 matrix; non-numeric header lines are skipped.
+    """
+    path = Path(path)
+    _require_file(path)
+    if path.suffix.lower() == ".json":
+        data = json.loads(path.read_text())
+        missing = [k for k in ("fx", "fy", "cx", "cy") if k not in data]
+        if missing:
+            raise DataError(f"{path}: intrinsics json lacks {missing} (expected keys fx, fy, cx, cy in pixels)")
+        return (float(data["fx"]), float(data["fy"]), float(data["cx"]), float(data["cy"]))
+    if path.suffix.lower() == ".npy":
+        return intrinsics_from_matrix(np.load(path, allow_pickle=False), str(path))
+    return intrinsics_from_matrix(_numbers_in_text(path), str(path))
+
+
+def write_intrinsics_json(path: str | Path, intrinsics: Intrinsics) -> Path:
+    """Write (fx, fy, cx, cy) in pixels as `{"fx": .., "fy": .., "cx": .., "cy": ..}`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(zip(("fx", "fy", "cx", "cy"), map(float, intrinsics)))) + "\n")
+    return path

@@ -82,7 +82,9 @@ class RGBDSample:
     right) rows/cols of the RGB grid, end-exclusive), `depth_intrinsics` (fx, fy, cx, cy of the depth grid when it is
     not simply the RGB camera resized), `depth_is_gt`, and per-pixel label maps such as `material` ((h, w) uint8).
 
-    `__post_init__` validates types and shapes and replaces NaN/inf/negative depth by 0 with a logged count.
+    `__post_init__` validates types and shapes, refuses a depth grid whose aspect ratio differs from the RGB one
+    unless `meta["depth_intrinsics"]` says how they align, and replaces NaN/inf/negative depth by 0 with a logged
+    count.
     """
 
     rgb: np.ndarray
@@ -107,6 +109,8 @@ class RGBDSample:
         self.intrinsics = _check_intrinsics(self.intrinsics, what)
         if "depth_intrinsics" in self.meta:
             self.meta["depth_intrinsics"] = _check_intrinsics(self.meta["depth_intrinsics"], f"{what} depth")
+        if not self.depth_matches_rgb and self.meta.get("depth_intrinsics") is None:
+            self._check_same_aspect()
         if "eval_crop" in self.meta:
             top, bottom, left, right = (int(v) for v in self.meta["eval_crop"])
             if not (0 <= top < bottom <= self.height and 0 <= left < right <= self.width):
@@ -138,25 +142,28 @@ class RGBDSample:
             return None
         return scale_intrinsics(self.intrinsics, self.rgb.shape[:2], self.depth.shape)
 
+    def _check_same_aspect(self) -> None:
+        (h_rgb, w_rgb), (h, w) = self.rgb.shape[:2], self.depth.shape
+        aspect_rgb, aspect_depth = w_rgb / h_rgb, w / h
+        if abs(aspect_rgb / aspect_depth - 1) > ASPECT_TOLERANCE:
+            raise DataError(
+                f"{self.name or 'RGBDSample'}: depth {w}x{h} and RGB {w_rgb}x{h_rgb} have different aspect ratios "
+                f"({aspect_depth:.4f} vs {aspect_rgb:.4f}); give meta['depth_intrinsics'] to say how they align"
+            )
+
     def _rgb_to_depth_index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For every RGB pixel, the depth-grid (row, col) it sees and whether that lies inside the depth grid."""
         (h_rgb, w_rgb), (h, w) = self.rgb.shape[:2], self.depth.shape
-        what = self.name or "RGBDSample"
         depth_k = self.meta.get("depth_intrinsics")
         if depth_k is not None:
             if self.intrinsics is None:
-                raise DataError(f"{what}: meta['depth_intrinsics'] given but the RGB intrinsics are unknown")
+                raise DataError(f"{self.name}: meta['depth_intrinsics'] given but the RGB intrinsics are unknown")
             fx, fy, cx, cy = self.intrinsics
             fxd, fyd, cxd, cyd = depth_k
             cols = np.rint((np.arange(w_rgb) - cx) / fx * fxd + cxd).astype(np.int64)
             rows = np.rint((np.arange(h_rgb) - cy) / fy * fyd + cyd).astype(np.int64)
         else:
-            aspect_rgb, aspect_depth = w_rgb / h_rgb, w / h
-            if abs(aspect_rgb / aspect_depth - 1) > ASPECT_TOLERANCE:
-                raise DataError(
-                    f"{what}: depth {w}x{h} and RGB {w_rgb}x{h_rgb} have different aspect ratios "
-                    f"({aspect_depth:.4f} vs {aspect_rgb:.4f}); give meta['depth_intrinsics'] to say how they align"
-                )
+            self._check_same_aspect()
             # Nearest source pixel by pixel centres (cv2.INTER_NEAREST_EXACT): never invents a depth value.
             cols = np.floor((np.arange(w_rgb) + 0.5) * w / w_rgb).astype(np.int64)
             rows = np.floor((np.arange(h_rgb) + 0.5) * h / h_rgb).astype(np.int64)

@@ -1,0 +1,183 @@
+"""The generic `folder` format (DESIGN.md) for new sensors, and `write_folder_sample` to produce it.
+
+Per frame NAME (files may sit in sub-folders; NAME is then the relative path):
+    NAME_rgb.png|.jpg          (H, W, 3) 8-bit RGB
+    NAME_depth.png|.npy        sensor/sparse depth: uint16 PNG = meters * depth_scale (default 1000, millimetres),
+                               or float32 meters .npy; 0 = missing; may be smaller than the RGB (same aspect ratio)
+    NAME_gt.png|.npy           optional ground truth, same encoding and size as the depth
+    NAME_intrinsics.json       optional {"fx", "fy", "cx", "cy"} in pixels of the RGB image
+    NAME_meta.json             optional scalar metadata (`max_depth`, `eval_crop`, `depth_intrinsics`, `depth_is_gt`)
+    NAME_<key>.png|.npy        optional single-channel per-pixel maps (e.g. `material`) -> `sample.meta[key]`
+Multi-channel PNGs with other suffixes (previews) are ignored. With `depth_is_gt: true` in the meta file and no gt
+file, the depth is also the ground truth.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlm_depth.data.dataset import RGBDDataset, build_sample, register_reader
+from vlm_depth.data.depth_io import (
+    read_depth,
+    read_intrinsics,
+    read_label_png,
+    read_rgb,
+    write_depth_npy,
+    write_depth_png,
+    write_intrinsics_json,
+    write_label_png,
+    write_rgb,
+)
+from vlm_depth.data.sample import RGBDSample
+from vlm_depth.errors import ConfigError, DataError
+
+RGB_SUFFIXES = (".png", ".jpg", ".jpeg")
+DEPTH_SUFFIXES = (".png", ".npy")
+ROLES = ("rgb", "depth", "gt", "intrinsics", "meta")
+
+
+def _role_files(directory: Path, stem: str, suffixes: tuple[str, ...]) -> list[Path]:
+    return [p for p in (directory / f"{stem}{s}" for s in suffixes) if p.is_file()]
+
+
+def _one_file(directory: Path, stem: str, suffixes: tuple[str, ...], required: bool) -> Path | None:
+    found = _role_files(directory, stem, suffixes)
+    if len(found) > 1:
+        raise DataError(f"ambiguous: both {found[0]} and {found[1]} exist; keep one")
+    if not found and required:
+        raise DataError(f"{directory / stem}{suffixes[0]} not found (expected one of {list(suffixes)})")
+    return found[0] if found else None
+
+
+@register_reader("folder")
+class FolderDataset(RGBDDataset):
+    """`folder:PATH`: the generic per-frame file format above. Split: `all` (every frame, sorted by NAME).
+
+    depth_scale: units per meter of integer depth/gt PNGs (1000 = millimetres).
+    """
+
+    def __init__(self, root: str | Path, split: str | None = None, depth_scale: float = 1000.0) -> None:
+        super().__init__(root, split)
+        if not depth_scale > 0:
+            raise ConfigError(f"folder: depth_scale must be > 0, got {depth_scale}")
+        self.depth_scale = float(depth_scale)
+        rgb_files = sorted(p for s in RGB_SUFFIXES for p in self.root.rglob(f"*_rgb{s}"))
+        stems = {p.parent / p.stem[: -len("_rgb")] for p in rgb_files}
+        if len(stems) != len(rgb_files):
+            raise DataError(f"folder: {self.root} has a frame with several RGB files (e.g. NAME_rgb.png and .jpg)")
+        for depth in sorted(p for s in DEPTH_SUFFIXES for p in self.root.rglob(f"*_depth{s}")):
+            if depth.parent / depth.stem[: -len("_depth")] not in stems:
+                raise DataError(f"{depth}: depth file without a matching NAME_rgb.png/.jpg")
+        self.items = [self._list_frame(p) for p in rgb_files]
+        self._require_items("NAME_rgb.png + NAME_depth.png files")
+
+    def _list_frame(self, rgb: Path) -> dict[str, Any]:
+        directory, stem = rgb.parent, rgb.stem[: -len("_rgb")]
+        extras = {}
+        for path in sorted(directory.glob(f"{stem}_*")):
+            key = path.stem[len(stem) + 1 :]
+            if key not in ROLES and "_" not in key and path.suffix.lower() in DEPTH_SUFFIXES:
+                extras[key] = path
+        return {
+            "name": str((directory / stem).relative_to(self.root)),
+            "rgb": rgb,
+            "depth": _one_file(directory, f"{stem}_depth", DEPTH_SUFFIXES, required=True),
+            "gt": _one_file(directory, f"{stem}_gt", DEPTH_SUFFIXES, required=False),
+            "intrinsics": _one_file(directory, f"{stem}_intrinsics", (".json",), required=False),
+            "meta": _one_file(directory, f"{stem}_meta", (".json",), required=False),
+            "extras": extras,
+        }
+
+    def read(self, item: dict[str, Any]) -> RGBDSample:
+        depth = read_depth(item["depth"], self.depth_scale)
+        meta: dict[str, Any] = json.loads(item["meta"].read_text()) if item["meta"] else {}
+        gt = read_depth(item["gt"], self.depth_scale) if item["gt"] else None
+        if gt is None and meta.get("depth_is_gt"):
+            gt = depth
+        for key, path in item["extras"].items():
+            values = np.load(path, allow_pickle=False) if path.suffix == ".npy" else _read_map_png(path)
+            if values is not None:
+                meta[key] = values
+        files = [p for p in (item["rgb"], item["depth"], item["gt"]) if p is not None]
+        return build_sample(
+            files,
+            rgb=read_rgb(item["rgb"]),
+            depth=depth,
+            gt=gt,
+            intrinsics=read_intrinsics(item["intrinsics"]) if item["intrinsics"] else None,
+            name=item["name"],
+            meta=meta,
+        )
+
+
+def _read_map_png(path: Path) -> np.ndarray | None:
+    """A single-channel per-pixel map, or None for a multi-channel image (a preview, not a map)."""
+    try:
+        return read_label_png(path)
+    except DataError:
+        return None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_folder_sample(
+    out_dir: str | Path,
+    sample: RGBDSample,
+    depth_scale: float = 1000.0,
+    extra: dict[str, np.ndarray] | None = None,
+    depth_format: str = "png",
+) -> list[Path]:
+    """Write `sample` into `out_dir` in the folder format and return the written paths.
+
+    depth/gt: uint16 PNG holding meters * depth_scale (`depth_format="png"`; raises DataError if a value would not
+    fit in 16 bits) or float32 meters `.npy` (`depth_format="npy"`, lossless). extra: per-pixel maps, (h, w) uint8
+    or uint16 -> `NAME_<key>.png` (other dtypes -> `.npy`); array-valued `sample.meta` entries are written the same
+    way and scalar ones to `NAME_meta.json`, so `FolderDataset` reads the sample back.
+    """
+    if depth_format not in ("png", "npy"):
+        raise ConfigError(f"depth_format must be 'png' or 'npy', got {depth_format!r}")
+    if not sample.name or sample.name.endswith("/") or any(sample.name.endswith(f"_{r}") for r in ROLES):
+        raise DataError(f"cannot write a sample named {sample.name!r} (needs a name not ending in _rgb, _depth, ...)")
+    base = Path(out_dir) / sample.name
+
+    def depth_file(role: str, values: np.ndarray) -> Path:
+        if depth_format == "png":
+            return write_depth_png(f"{base}_{role}.png", values, depth_scale)
+        return write_depth_npy(f"{base}_{role}.npy", values)
+
+    written = [write_rgb(f"{base}_rgb.png", sample.rgb), depth_file("depth", sample.depth)]
+    depth_is_gt = sample.gt is not None and sample.gt is sample.depth
+    if sample.gt is not None and not depth_is_gt:
+        written.append(depth_file("gt", sample.gt))
+    if sample.intrinsics is not None:
+        written.append(write_intrinsics_json(f"{base}_intrinsics.json", sample.intrinsics))
+    maps = {k: v for k, v in sample.meta.items() if isinstance(v, np.ndarray)}
+    maps.update(extra or {})
+    scalars = {k: _jsonable(v) for k, v in sample.meta.items() if k not in maps}
+    if depth_is_gt:
+        scalars["depth_is_gt"] = True
+    for key, values in maps.items():
+        if key in ROLES or "_" in key:
+            raise DataError(f"{sample.name}: extra map name {key!r} is reserved or contains '_'")
+        values = np.asarray(values)
+        if values.dtype in (np.uint8, np.uint16) and values.ndim == 2:
+            written.append(write_label_png(f"{base}_{key}.png", values))
+        else:
+            path = Path(f"{base}_{key}.npy")
+            np.save(path, values, allow_pickle=False)
+            written.append(path)
+    if scalars:
+        meta_path = Path(f"{base}_meta.json")
+        meta_path.write_text(json.dumps(scalars, sort_keys=True) + "\n")
+        written.append(meta_path)
+    return written
