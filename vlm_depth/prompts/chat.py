@@ -10,6 +10,7 @@ so the decoder can force the template words and decode only the number's tokens.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from vlm_depth.prompts.numbers import format_meters
@@ -68,7 +69,9 @@ class ChatLayout:
     def query_tokens(self, query: Query, grid_xy: tuple[float, float], label: float | None = None) -> QueryTokens:
         """Block for `query` whose pixel lies at `grid_xy` on the processor's resized grid; `label` in meters adds
         the number tokens (training), None leaves them empty (inference)."""
-        prompt = self._encode(self.textualizer.query_prompt(query, (round(grid_xy[0]), round(grid_xy[1]))))
+        # floor(g + 0.5), not round(): half-to-even would disagree with where resize_depth puts the pixel's depth
+        grid_px = (math.floor(grid_xy[0] + 0.5), math.floor(grid_xy[1] + 0.5))
+        prompt = self._encode(self.textualizer.query_prompt(query, grid_px))
         number = [] if label is None else self.number_ids(label)
         pointers = [grid_xy] if self.textualizer.query_mode == "pointer" else []
         return QueryTokens(
