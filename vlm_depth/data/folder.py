@@ -32,7 +32,7 @@ from vlm_depth.data.depth_io import (
     write_label_png,
     write_rgb,
 )
-from vlm_depth.data.sample import RGBDSample
+from vlm_depth.data.sample import RGBDSample, scalar_meta
 from vlm_depth.errors import ConfigError, DataError
 
 RGB_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -122,14 +122,6 @@ def _read_map_png(path: Path) -> np.ndarray | None:
         return None
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (np.generic,)):
-        return value.item()
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def write_folder_sample(
     out_dir: str | Path,
     sample: RGBDSample,
@@ -163,7 +155,7 @@ def write_folder_sample(
         written.append(write_intrinsics_json(f"{base}_intrinsics.json", sample.intrinsics))
     maps = {k: v for k, v in sample.meta.items() if isinstance(v, np.ndarray)}
     maps.update(extra or {})
-    scalars = {k: _jsonable(v) for k, v in sample.meta.items() if k not in maps}
+    scalars = {k: v for k, v in scalar_meta(sample.meta).items() if k not in maps}
     if depth_is_gt:
         scalars["depth_is_gt"] = True
     for key, values in maps.items():

@@ -50,6 +50,21 @@ def sanitize_depth(depth: np.ndarray, what: str) -> np.ndarray:
     return depth
 
 
+def scalar_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """JSON-able copy of the non-array entries of a sample's `meta` (numpy scalars -> Python, tuples -> lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        return value
+
+    return {k: plain(v) for k, v in meta.items() if not isinstance(v, np.ndarray)}
+
+
 def scale_intrinsics(intrinsics: Intrinsics, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> Intrinsics:
     """(fx, fy, cx, cy) in pixels of an image of size `from_hw` -> the same camera on a resized grid `to_hw`.
 
