@@ -1,0 +1,465 @@
+"""DepthVLM: Qwen2.5-VL with VLM-DC's visual depth injection, `E = F_e1(I) + F_e2(O)`, and the pointer query mode.
+
+Per image, the processor's `pixel_values` and the aligned `depth_values` are unpatchified to the resized grid,
+DepthFusion turns them into O (B, 3, H', W'), O is patchified in the processor's order and F_e2 (a second patch
+embedding, `DepthPatchEmbed`) adds its embedding to the native patch tokens inside the vision tower. With a fresh
+`soft` branch O is exactly 0, so the model is exactly the base model. `hard_concat` instead feeds the encoded depth
+to zero-initialised extra input channels of the patch embedding.
+
+Everything vlm-depth adds lives under `depth_branch` (DepthFusion, PointerEncoder, later heads) plus F_e2's own
+Conv3d beside the native one at `model.visual.patch_embed.depth_proj`; `is_branch_key` names them. They are saved to
+`depth_branch.safetensors`, apart from the Qwen2.5-VL weights (or LoRA adapter), so the base weights of a full
+fine-tune remain an ordinary Qwen2.5-VL checkpoint.
+
+Checkpoint folder (`save_pretrained`): `config.json` + `model.safetensors` (full fine-tune) or `adapter_config.json` +
+`adapter_model.safetensors` + `base_model.json` (LoRA), then `depth_branch.safetensors` and `vlm_depth_config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+
+from vlm_depth.errors import ConfigError, ModelError
+from vlm_depth.model.align import patchify, unpatchify
+from vlm_depth.model.branch_config import DepthBranchConfig
+from vlm_depth.model.encodings import encode_depth, encoded_channels
+from vlm_depth.model.fusion import DepthFusion
+from vlm_depth.model.patch_embed import DepthPatchEmbed, wrap_patch_embed
+from vlm_depth.model.pointer import (
+    PointerEncoder,
+    infer_pointer_image_index,
+    init_pointer_embedding,
+    sample_pointer_features,
+)
+
+logger = logging.getLogger(__name__)
+
+BRANCH_FILE = "depth_branch.safetensors"
+BASE_REF_FILE = "base_model.json"
+BRANCH_PREFIXES = ("depth_branch.", "model.visual.patch_embed.depth_proj.")
+WRAPPED_PATCH_EMBED = ".patch_embed.base_layer."
+# Weights bitsandbytes must leave in full precision: the vision tower (incl. patch embedding) and the output head.
+NF4_SKIP_MODULES = ["model.visual", "lm_head"]
+
+
+# Hugging Face looks up checkpoint key renames (original Qwen2.5-VL layout <-> transformers 5 modules) by class name;
+# registering DepthVLM under Qwen2.5-VL's mapping makes it load and save base weights exactly as Qwen2.5-VL does.
+register_checkpoint_conversion_mapping(
+    "DepthVLM", get_checkpoint_conversion_mapping("Qwen2_5_VLForConditionalGeneration"), overwrite=True
+)
+
+
+def is_branch_key(name: str) -> bool:
+    """True for parameter / buffer names of the depth branch (fusion, F_e2, pointer, heads)."""
+    return name.startswith(BRANCH_PREFIXES)
+
+
+class DepthBranch(nn.Module):
+    """The modules vlm-depth adds to Qwen2.5-VL (F_e2's Conv3d lives in the wrapped patch embedding)."""
+
+    def __init__(self, cfg: DepthBranchConfig, hidden_size: int, init_std: float):
+        super().__init__()
+        self.fusion = None if cfg.fusion == "hard_concat" else DepthFusion(cfg)
+        self.pointer = (
+            PointerEncoder(hidden_size, cfg.pointer_fourier, init_std) if cfg.query_mode == "pointer" else None
+        )
+
+
+class DepthVLM(Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL whose `forward`/`generate` also take `depth_values` (aligned to `pixel_values`, meters) and, in
+    pointer mode, `pointer_xy`. Without them it computes exactly what Qwen2.5-VL computes."""
+
+    def __init__(self, config, depth_cfg: DepthBranchConfig | None = None):
+        super().__init__(config)
+        self.depth_cfg: DepthBranchConfig | None = None
+        self.depth_branch: DepthBranch | None = None
+        if depth_cfg is not None:
+            self.attach_depth_branch(depth_cfg)
+
+    # ------------------------------------------------------------------ construction
+    def attach_depth_branch(self, depth_cfg: DepthBranchConfig) -> None:
+        """Build a fresh depth branch (initialised per `depth_cfg`) and wrap the vision tower's patch embedding."""
+        if self.depth_branch is not None:
+            raise ModelError("this model already has a depth branch")
+        if depth_cfg.fusion not in ("soft", "he_init", "hard_concat"):
+            raise ConfigError(f"unknown fusion {depth_cfg.fusion!r}; choose soft, he_init or hard_concat")
+        device = self.get_input_embeddings().weight.device
+        self.depth_cfg = depth_cfg
+        text = self.config.get_text_config()
+        self.depth_branch = DepthBranch(depth_cfg, text.hidden_size, text.initializer_range).to(device)
+        if depth_cfg.fusion == "hard_concat":
+            wrap_patch_embed(self.model.visual, "zero", encoded_channels(depth_cfg))
+        else:
+            wrap_patch_embed(self.model.visual, depth_cfg.patch_embed_init)
+
+    @property
+    def depth_patch_embed(self) -> DepthPatchEmbed:
+        """The wrapped patch embedding (F_e1 = `base_layer`, F_e2 = `proj`)."""
+        patch_embed = self.model.visual.patch_embed
+        if not isinstance(patch_embed, DepthPatchEmbed):
+            raise ModelError("no depth branch attached (use DepthVLM.from_pretrained or attach_depth_branch)")
+        return patch_embed
+
+    @property
+    def pointer_token_id(self) -> int | None:
+        return getattr(self.config, "pointer_token_id", None)
+
+    # ------------------------------------------------------------------ depth injection
+    def depth_patches(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, depth_values: torch.Tensor
+    ) -> torch.Tensor:
+        """Depth-branch patches (rows aligned with `pixel_values`) for F_e2: O (soft / he_init) or the encoded
+        depth (hard_concat), patchified in the processor's order.
+
+        pixel_values: (N, 3 * T * 14 * 14) processor output; depth_values: (N, T * 14 * 14) meters, 0 = missing.
+        """
+        vision = self.config.vision_config
+        shape = (vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size)
+        if depth_values.shape[0] != pixel_values.shape[0]:
+            raise ModelError(f"depth_values has {depth_values.shape[0]} rows but pixel_values {pixel_values.shape[0]}")
+        depths = unpatchify(depth_values.float(), image_grid_thw, 1, *shape)
+        if self.depth_cfg.fusion == "hard_concat":
+            outputs = [encode_depth(d[None], self.depth_cfg) for d in depths]
+        else:
+            rgbs = unpatchify(pixel_values, image_grid_thw, 3, *shape)
+            outputs: list[torch.Tensor | None] = [None] * len(depths)
+            by_size: dict[tuple[int, int], list[int]] = {}
+            for i, depth in enumerate(depths):
+                by_size.setdefault(tuple(depth.shape[-2:]), []).append(i)
+            for members in by_size.values():  # one batch per image size: one BatchNorm batch, one conv call
+                fused = self.depth_branch.fusion(
+                    torch.stack([rgbs[i] for i in members]), torch.stack([depths[i] for i in members])
+                )
+                for i, o in zip(members, fused):
+                    outputs[i] = o[None]
+        return torch.cat([patchify(o, *shape) for o in outputs])
+
+    def encode_images(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, depth_values: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Vision tower + depth injection + merger: the (n_merged_tokens_total, hidden) features that fill the
+        `<|image_pad|>` placeholders, images in order. `depth_values=None`: no injection (the base model's
+        features)."""
+        patches = None if depth_values is None else self.depth_patches(pixel_values, image_grid_thw, depth_values)
+        visual = self.model.visual
+        with self.depth_patch_embed.injecting(patches):
+            return visual(pixel_values.type(visual.dtype), grid_thw=image_grid_thw).pooler_output
+
+    # ------------------------------------------------------------------ pointer mode
+    def pointer_embeddings(
+        self,
+        image_embeds: torch.Tensor,
+        image_grid_thw: torch.Tensor,
+        pointer_xy: torch.Tensor,
+        pointer_image_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """Input embeddings (n, hidden) of n pointer tokens at pixels `pointer_xy` (n, 2) (x, y) on the resized grid
+        of images `pointer_image_index` (n,), from the merged features `image_embeds` of `encode_images`."""
+        if self.depth_branch is None or self.depth_branch.pointer is None:
+            raise ModelError("pointer_xy given but the model is not in pointer mode (depth_cfg.query_mode)")
+        vision = self.config.vision_config
+        features, offsets = sample_pointer_features(
+            image_embeds,
+            image_grid_thw,
+            pointer_xy,
+            pointer_image_index,
+            vision.patch_size,
+            vision.spatial_merge_size,
+        )
+        return self.depth_branch.pointer(features, offsets)
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
+        pointer_xy: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pointer_image_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Input embeddings (B, L, hidden) for `input_ids` (B, L): token embeddings, image features scattered into the
+        `<|image_pad|>` placeholders (when `input_ids` hold any; then their count must match `image_embeds`), and, in
+        pointer mode, pointer tokens replaced (in flattened order) by `pointer_embeddings`. `image_embeds` also serves
+        as the pointers' source when `input_ids` hold queries only (cached prefix). `pointer_image_index` defaults to
+        the image that last started before each pointer (or image 0 when there is one image)."""
+        embeds = self.get_input_embeddings()(input_ids)
+        image_mask = input_ids == self.config.image_token_id
+        n_placeholders = int(image_mask.sum())
+        if n_placeholders:
+            if image_embeds is None or image_embeds.shape[0] != n_placeholders:
+                got = None if image_embeds is None else image_embeds.shape[0]
+                raise ModelError(f"input_ids hold {n_placeholders} image placeholders but image_embeds has {got} rows")
+            embeds = embeds.masked_scatter(image_mask[..., None], image_embeds.to(embeds.device, embeds.dtype))
+        token_id = self.pointer_token_id
+        pointer_mask = input_ids == token_id if token_id is not None else torch.zeros_like(image_mask)
+        n_pointers = int(pointer_mask.sum())
+        if pointer_xy is None:
+            if n_pointers and n_placeholders:
+                raise ModelError(f"input_ids hold {n_pointers} pointer tokens but no pointer_xy was given")
+            return embeds
+        if token_id is None:
+            raise ModelError("pointer_xy given but the model has no pointer token; call add_pointer_token first")
+        if n_pointers != pointer_xy.shape[0]:
+            raise ModelError(
+                f"input_ids hold {n_pointers} pointer tokens but pointer_xy has {pointer_xy.shape[0]} rows"
+            )
+        if image_embeds is None or image_grid_thw is None:
+            raise ModelError("pointer tokens need image_embeds and image_grid_thw")
+        if pointer_image_index is None:
+            if image_grid_thw.shape[0] == 1:
+                pointer_image_index = torch.zeros(n_pointers, dtype=torch.long, device=input_ids.device)
+            else:
+                pointer_image_index = infer_pointer_image_index(
+                    input_ids, self.config.vision_start_token_id, self.config.image_token_id, token_id
+                )
+        values = self.pointer_embeddings(image_embeds, image_grid_thw, pointer_xy, pointer_image_index)
+        return embeds.masked_scatter(pointer_mask[..., None], values.to(embeds.device, embeds.dtype))
+
+    # ------------------------------------------------------------------ forward / generate
+    def _branch_inputs_embeds(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        image_grid_thw: torch.Tensor | None,
+        depth_values: torch.Tensor | None,
+        pointer_xy: torch.Tensor | None,
+        pointer_image_index: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if inputs_embeds is not None or input_ids is None:
+            raise ModelError("depth_values / pointer_xy need input_ids (not inputs_embeds; see embed_inputs)")
+        if depth_values is not None and pixel_values is None:
+            raise ModelError("depth_values given without pixel_values")
+        image_embeds = None
+        if pixel_values is not None:
+            image_embeds = self.encode_images(pixel_values, image_grid_thw, depth_values)
+        return self.embed_inputs(input_ids, image_embeds, pointer_xy, image_grid_thw, pointer_image_index)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict[str, Any] | None = None,
+        depth_values: torch.Tensor | None = None,
+        pointer_xy: torch.Tensor | None = None,
+        pointer_image_index: torch.Tensor | None = None,
+        **kwargs: Any,
+    ):
+        """Qwen2.5-VL's forward (generation inspects its signature, hence the full list), plus `depth_values`
+        (N, T*14*14) meters aligned to `pixel_values`, and in pointer mode `pointer_xy` (n, 2) / `pointer_image_index`
+        (n,). Precomputed `inputs_embeds` (from `embed_inputs`) go straight to the language model with the caller's
+        `position_ids` (3, B, L), `attention_mask` (2-D, or 4-D additive (B, 1, Q, L)) and `past_key_values`."""
+        if depth_values is not None or pointer_xy is not None:
+            inputs_embeds = self._branch_inputs_embeds(
+                input_ids, inputs_embeds, pixel_values, image_grid_thw, depth_values, pointer_xy, pointer_image_index
+            )
+            pixel_values = None
+        elif pixel_values is not None and self.pointer_token_id is not None and input_ids is not None:
+            if bool((input_ids == self.pointer_token_id).any()):
+                raise ModelError("input_ids hold pointer tokens but no pointer_xy was given")
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            second_per_grid_ts=second_per_grid_ts,
+            logits_to_keep=logits_to_keep,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        depth_values: torch.Tensor | None = None,
+        pointer_xy: torch.Tensor | None = None,
+        pointer_image_index: torch.Tensor | None = None,
+        **kwargs: Any,
+    ):
+        """`GenerationMixin.generate` with `depth_values` / `pointer_xy`: the image (with depth) and the pointers
+        are embedded once for the prefill step; decoding steps use the KV cache as usual."""
+        if depth_values is None and pointer_xy is None:
+            return super().generate(
+                input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw, **kwargs
+            )
+        inputs_embeds = self._branch_inputs_embeds(
+            input_ids,
+            kwargs.pop("inputs_embeds", None),
+            pixel_values,
+            image_grid_thw,
+            depth_values,
+            pointer_xy,
+            pointer_image_index,
+        )
+        return super().generate(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, image_grid_thw=image_grid_thw, **kwargs
+        )
+
+    # ------------------------------------------------------------------ save / load
+    def branch_state_dict(self) -> dict[str, torch.Tensor]:
+        """Parameters and buffers of the depth branch (names as in `state_dict()`)."""
+        return {k: v for k, v in self.state_dict().items() if is_branch_key(k)}
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """Qwen2.5-VL weights under their original names (patch embedding unwrapped, branch left out)."""
+        return {
+            k.replace(WRAPPED_PATCH_EMBED, ".patch_embed."): v
+            for k, v in self.state_dict().items()
+            if not is_branch_key(k)
+        }
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
+        """Write a vlm-depth checkpoint: base weights (full fine-tune) or the LoRA adapter + a `base_model.json`
+        reference, then `depth_branch.safetensors` and `vlm_depth_config.json`. Safetensors only."""
+        from safetensors.torch import save_file
+
+        if self.depth_branch is None:
+            raise ModelError(
+                "no depth branch to save; save a plain Qwen2.5-VL with Qwen2_5_VLForConditionalGeneration"
+            )
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        kwargs.pop("safe_serialization", None)
+        if getattr(self, "_hf_peft_config_loaded", False):
+            super().save_pretrained(out, **kwargs)
+            reference = {
+                "base_model": _resolved_reference(self.name_or_path),
+                "pointer_token_id": self.pointer_token_id,
+            }
+            (out / BASE_REF_FILE).write_text(json.dumps(reference, indent=2))
+        else:
+            if getattr(self, "hf_quantizer", None) is not None:
+                raise ModelError(f"{out}: a quantized model is saved as a LoRA adapter only (apply_lora first)")
+            super().save_pretrained(out, state_dict=self.base_state_dict(), **kwargs)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.branch_state_dict().items()}, out / BRANCH_FILE)
+        self.depth_cfg.save(out)
+
+    def load_branch(self, folder: str | Path) -> None:
+        """Load `depth_branch.safetensors` from `folder`; every branch tensor must be present, nothing else."""
+        from safetensors.torch import load_file
+
+        path = Path(folder) / BRANCH_FILE
+        if not path.is_file():
+            raise ModelError(f"{folder}: no {BRANCH_FILE}")
+        state = load_file(str(path))
+        expected = set(self.branch_state_dict())
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ModelError(
+                f"{path}: does not match the branch of vlm_depth_config.json "
+                f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+            )
+        self.load_state_dict(state, strict=False)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *model_args: Any,
+        depth_cfg: DepthBranchConfig | None = None,
+        quantization: str | None = None,
+        base_model: str | None = None,
+        adapter_trainable: bool = False,
+        **kwargs: Any,
+    ) -> DepthVLM:
+        """Load a vlm-depth checkpoint exactly (full fine-tune or LoRA adapter + branch), or a plain Qwen2.5-VL
+        checkpoint (e.g. `Qwen/Qwen2.5-VL-3B-Instruct`) with a fresh branch built from `depth_cfg` (default config).
+
+        quantization: None or `nf4` (bitsandbytes 4-bit language model; vision tower, lm_head and branch stay in
+        full precision). base_model: overrides the base recorded by a LoRA checkpoint. adapter_trainable: load the
+        LoRA weights as trainable. Other keyword arguments go to `Qwen2_5_VLForConditionalGeneration.from_pretrained`.
+        """
+        path = str(pretrained_model_name_or_path)
+        folder = Path(path)
+        if folder.exists() and not folder.is_dir():
+            raise ModelError(f"{path}: not a checkpoint folder")
+        saved_cfg = DepthBranchConfig.load(folder) if DepthBranchConfig.exists(folder) else None
+        if saved_cfg is not None and depth_cfg is not None and depth_cfg != saved_cfg:
+            raise ModelError(f"{path}: saved with a different depth branch config; do not pass depth_cfg")
+        cfg = saved_cfg or depth_cfg or DepthBranchConfig()
+        reference = json.loads((folder / BASE_REF_FILE).read_text()) if (folder / BASE_REF_FILE).is_file() else None
+        if saved_cfg is None and (folder / "adapter_config.json").is_file():
+            raise ModelError(f"{path}: a LoRA adapter without vlm_depth_config.json is not a vlm-depth checkpoint")
+        weights = (base_model or reference["base_model"]) if reference is not None else path
+        if quantization is not None:
+            kwargs.update(_nf4_kwargs(quantization, kwargs))
+        model = _load_qwen(super().from_pretrained, weights, path, *model_args, **kwargs)
+        if cfg.query_mode == "pointer" and reference is not None and reference.get("pointer_token_id") is not None:
+            init_pointer_embedding(model, reference["pointer_token_id"])
+        model.attach_depth_branch(cfg)
+        if reference is not None:
+            model.load_adapter(path, is_trainable=adapter_trainable)
+        if saved_cfg is not None:
+            model.load_branch(folder)
+        return model
+
+
+def _resolved_reference(name_or_path: str) -> str:
+    """An absolute path for a local base checkpoint (so the adapter folder can move), the Hub id otherwise."""
+    local = Path(name_or_path)
+    return str(local.resolve()) if local.is_dir() else name_or_path
+
+
+def _nf4_kwargs(quantization: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`from_pretrained` arguments for a bitsandbytes NF4 language model."""
+    if quantization != "nf4":
+        raise ConfigError(f"unknown quantization {quantization!r}; the supported value is 'nf4'")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ModelError(f"quantization 'nf4' needs bitsandbytes ({err})") from err
+    from transformers import BitsAndBytesConfig
+
+    cuda = torch.cuda.is_available()
+    dtype = kwargs.get("dtype") or (torch.bfloat16 if cuda else torch.float32)
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=dtype,
+        llm_int8_skip_modules=NF4_SKIP_MODULES,
+    )
+    return {"quantization_config": config, "device_map": kwargs.get("device_map") or ({"": 0} if cuda else "cpu")}
+
+
+def _load_qwen(load: Any, weights: str, path: str, *model_args: Any, **kwargs: Any) -> DepthVLM:
+    """`load(weights)` (Hugging Face `from_pretrained` bound to DepthVLM); a one-line ModelError naming the folder
+    when it cannot be read."""
+    try:
+        model = load(weights, *model_args, **kwargs)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        where = path if weights == path else f"{path} (base model {weights})"
+        raise ModelError(f"{where}: cannot load a Qwen2.5-VL checkpoint: {first_line}") from err
+    if model.config.model_type != "qwen2_5_vl":
+        raise ModelError(f"{weights}: model type {model.config.model_type!r} is not qwen2_5_vl")
+    return model

@@ -1,0 +1,75 @@
+"""LoRA on a DepthVLM (peft, through transformers' `add_adapter`, so the model stays a DepthVLM with all its
+methods) and the parameter groups a trainer gives separate learning rates.
+
+PEFT freezes everything but the adapters; the depth branch (fusion, F_e2, pointer projection, heads) is switched back
+to trainable right after injection. LoRA cannot target the Conv3d patch embedding; F_e2 is trained in full instead.
+4-bit (NF4) loading is `DepthVLM.from_pretrained(..., quantization="nf4")`; LoRA then trains on top of it (QLoRA).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from torch import nn
+
+from vlm_depth.errors import ModelError
+from vlm_depth.model.depth_vlm import DepthVLM, is_branch_key
+
+LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Linear layers of a Qwen2.5-VL vision block (attention and gated MLP).
+VISION_TARGETS = ("attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def lora_target_pattern(target_modules: Sequence[str] = LLM_TARGETS, vision: bool = False) -> str:
+    """Regex (peft full-matches it against module names) for `target_modules` in the language model's decoder
+    layers, plus the vision blocks' linear layers when `vision`. The vision MLP shares names with the LLM's, hence
+    the explicit prefixes."""
+    if not target_modules:
+        raise ModelError("LoRA needs at least one target module")
+    names = "|".join(map(re.escape, target_modules))
+    patterns = [rf"model\.language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{names})"]
+    if vision:
+        patterns.append(rf"model\.visual\.blocks\.\d+\.(?:{'|'.join(map(re.escape, VISION_TARGETS))})")
+    return "|".join(f"(?:{p})" for p in patterns)
+
+
+def apply_lora(
+    model: DepthVLM,
+    r: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.05,
+    target_modules: Sequence[str] = LLM_TARGETS,
+    vision: bool = False,
+) -> DepthVLM:
+    """Inject a LoRA adapter (named `default`) into `model` in place and return it: base weights frozen, LoRA and
+    depth branch trainable. `target_modules`: projection names in the language model; `vision`: also the vision
+    blocks."""
+    from peft import LoraConfig
+
+    if model.depth_branch is None:
+        raise ModelError("attach the depth branch before LoRA (DepthVLM.from_pretrained does)")
+    if getattr(model, "_hf_peft_config_loaded", False):
+        raise ModelError("the model already has a LoRA adapter")
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=lora_target_pattern(target_modules, vision),
+        bias="none",
+    )
+    model.add_adapter(config)
+    for name, param in model.named_parameters():
+        if is_branch_key(name):
+            param.requires_grad_(True)
+    return model
+
+
+def trainable_parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Trainable parameters split into `branch` (depth branch, F_e2, pointer projection, heads) and `backbone`
+    (LoRA weights, or the language model and vision tower in a full fine-tune), for separate learning rates."""
+    groups: dict[str, list[nn.Parameter]] = {"branch": [], "backbone": []}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups["branch" if is_branch_key(name) else "backbone"].append(param)
+    return groups
