@@ -260,7 +260,11 @@ def _sfm(protocol: Protocol, valid: np.ndarray, rgb: np.ndarray | None, **_) -> 
         detector = cv2.SIFT.create()
     else:  # as OMNI-DC: every FAST corner ORB finds
         detector = cv2.ORB.create(nfeatures=100000, scoreType=cv2.ORB_FAST_SCORE)
-    points = np.array([kp.pt for kp in detector.detect(gray, None)], dtype=np.float64).reshape(-1, 2)
+    try:
+        keypoints = detector.detect(gray, None)
+    except cv2.error as exc:
+        raise DataError(f"{protocol.spec}: OpenCV cannot detect keypoints in a {gray.shape} image ({exc})") from exc
+    points = np.array([kp.pt for kp in keypoints], dtype=np.float64).reshape(-1, 2)
     keep = np.zeros(valid.shape, dtype=bool)
     cols = np.clip(np.rint(points[:, 0]), 0, valid.shape[1] - 1).astype(int)
     rows = np.clip(np.rint(points[:, 1]), 0, valid.shape[0] - 1).astype(int)
