@@ -72,7 +72,7 @@ class FolderDataset(RGBDDataset):
         for depth in sorted(p for s in DEPTH_SUFFIXES for p in self.root.rglob(f"*_depth{s}")):
             if depth.parent / depth.stem[: -len("_depth")] not in stems:
                 raise DataError(f"{depth}: depth file without a matching NAME_rgb.png/.jpg")
-        self.items = [self._list_frame(p) for p in rgb_files]
+        self.items = sorted((self._list_frame(p) for p in rgb_files), key=lambda item: item["name"])
         self._require_items("NAME_rgb.png + NAME_depth.png files")
 
     def _list_frame(self, rgb: Path) -> dict[str, Any]:
