@@ -47,6 +47,8 @@ class SynthConfig:
     height: int = _help("Image height in pixels.", default=240)
     width: int = _help("Image width in pixels.", default=320)
     preview: bool = _help("Also write a side-by-side preview PNG (RGB | GT | sensor | error).", default=False)
+    scene: str = _help("Scene layouts: room, street, or mixed (3/4 rooms).", default="mixed")
+    workers: int = _help("Worker processes (0 = one per CPU core); the output does not depend on it.", default=0)
 
 
 @dataclass
