@@ -65,11 +65,15 @@ class ColmapModel:
                 fx, fy, cx, cy = (p[0], p[0], p[1], p[2]) if model in SINGLE_FOCAL_MODELS else p[:4]
                 # COLMAP puts the centre of the top-left pixel at (0.5, 0.5); this package puts it at (0, 0).
                 self.cameras[int(cam_id)] = (fx, fy, cx - 0.5, cy - 0.5)
-        self.points: dict[int, np.ndarray] = {}
+        ids, xyz = [], []
         for line in _data_lines(directory / "points3D.txt"):
             if line.strip():
-                values = line.split()
-                self.points[int(values[0])] = np.array(values[1:4], dtype=np.float64)
+                values = line.split(maxsplit=4)
+                ids.append(int(values[0]))
+                xyz.append(values[1:4])
+        order = np.argsort(ids)
+        self.point_ids = np.asarray(ids, dtype=np.int64)[order]
+        self.point_xyz = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)[order]
         self.images: dict[str, dict[str, Any]] = {}
         lines = iter(_data_lines(directory / "images.txt"))
         for header in lines:
@@ -91,10 +95,11 @@ class ColmapModel:
             raise DataError(f"{self.directory / 'images.txt'}: no image {image_name!r}")
         image = self.images[image_name]
         obs = image["observations"]
-        known = np.array([int(i) in self.points for i in obs[:, 2]], dtype=bool)
-        obs = obs[known]
-        xyz = np.stack([self.points[int(i)] for i in obs[:, 2]]) if len(obs) else np.zeros((0, 3))
-        z = (xyz @ image["R"].T + image["t"])[:, 2]
+        point_ids = obs[:, 2].astype(np.int64)
+        pos = np.clip(np.searchsorted(self.point_ids, point_ids), 0, max(len(self.point_ids) - 1, 0))
+        known = self.point_ids[pos] == point_ids if len(self.point_ids) else np.zeros(len(obs), dtype=bool)
+        obs, pos = obs[known], pos[known]
+        z = (self.point_xyz[pos] @ image["R"].T + image["t"])[:, 2]
         cols, rows = np.floor(obs[:, 0]).astype(np.int64), np.floor(obs[:, 1]).astype(np.int64)
         keep = (z > 0) & (rows >= 0) & (rows < shape[0]) & (cols >= 0) & (cols < shape[1])
         rows, cols, z = rows[keep], cols[keep], z[keep]

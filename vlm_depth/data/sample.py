@@ -115,6 +115,7 @@ class RGBDSample:
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise DataError(f"{what}: rgb must be a (H, W, 3) uint8 array, got {rgb.dtype} {rgb.shape}")
         self.rgb = rgb
+        self.meta = dict(self.meta)  # normalised below; never the caller's dict
         same = self.gt is not None and self.gt is self.depth
         self.depth = sanitize_depth(self.depth, f"{what} depth")
         if self.gt is not None:
