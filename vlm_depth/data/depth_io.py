@@ -81,6 +81,16 @@ def _read_depth_hdf5(path: Path, scale: float | None, key: str | None) -> np.nda
     return _array_to_meters(np.asarray(values), scale, path)
 
 
+def read_npy(path: str | Path) -> np.ndarray:
+    """Load a plain `.npy` array; object arrays (pickles) are refused, never unpickled."""
+    path = Path(path)
+    _require_file(path)
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise DataError(f"{path}: not a plain numeric .npy array ({exc})") from exc
+
+
 def read_depth(path: str | Path, scale: float | None = None, key: str | None = None) -> np.ndarray:
     """Read a depth map as (H, W) float32 meters, 0 = missing (NaN/inf are kept; `RGBDSample` masks them).
 
@@ -94,11 +104,7 @@ def read_depth(path: str | Path, scale: float | None = None, key: str | None = N
     if suffix in IMAGE_SUFFIXES:
         return _read_depth_image(path, scale)
     if suffix == ".npy":
-        try:
-            values = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise DataError(f"{path}: not a plain numeric .npy array ({exc})") from exc
-        return _array_to_meters(values, scale, path)
+        return _array_to_meters(read_npy(path), scale, path)
     if suffix in HDF5_SUFFIXES:
         return _read_depth_hdf5(path, scale, key)
     raise DataError(f"{path}: unknown depth file type {suffix!r} (expected .png, .tif, .npy, .h5/.hdf5)")
@@ -242,7 +248,7 @@ def read_intrinsics(path: str | Path) -> Intrinsics:
             raise DataError(f"{path}: intrinsics json lacks {missing} (expected keys fx, fy, cx, cy in pixels)")
         return (float(data["fx"]), float(data["fy"]), float(data["cx"]), float(data["cy"]))
     if path.suffix.lower() == ".npy":
-        return intrinsics_from_matrix(np.load(path, allow_pickle=False), str(path))
+        return intrinsics_from_matrix(read_npy(path), str(path))
     return intrinsics_from_matrix(_numbers_in_text(path), str(path))
 
 

@@ -25,6 +25,7 @@ from vlm_depth.data.depth_io import (
     read_depth,
     read_intrinsics,
     read_label_png,
+    read_npy,
     read_rgb,
     write_depth_npy,
     write_depth_png,
@@ -40,17 +41,20 @@ DEPTH_SUFFIXES = (".png", ".npy")
 ROLES = ("rgb", "depth", "gt", "intrinsics", "meta")
 
 
-def _role_files(directory: Path, stem: str, suffixes: tuple[str, ...]) -> list[Path]:
-    return [p for p in (directory / f"{stem}{s}" for s in suffixes) if p.is_file()]
-
-
-def _one_file(directory: Path, stem: str, suffixes: tuple[str, ...], required: bool) -> Path | None:
-    found = _role_files(directory, stem, suffixes)
+def _one_file(base: Path, role: str, files: list[Path], suffixes: tuple[str, ...], required: bool) -> Path | None:
+    found = sorted(p for p in files if p.suffix.lower() in suffixes)
     if len(found) > 1:
         raise DataError(f"ambiguous: both {found[0]} and {found[1]} exist; keep one")
     if not found and required:
-        raise DataError(f"{directory / stem}{suffixes[0]} not found (expected one of {list(suffixes)})")
+        raise DataError(f"{base}_{role}{suffixes[0]} not found (expected one of {list(suffixes)})")
     return found[0] if found else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from exc
 
 
 @register_reader("folder")
@@ -65,41 +69,47 @@ class FolderDataset(RGBDDataset):
         if not depth_scale > 0:
             raise ConfigError(f"folder: depth_scale must be > 0, got {depth_scale}")
         self.depth_scale = float(depth_scale)
-        rgb_files = sorted(p for s in RGB_SUFFIXES for p in self.root.rglob(f"*_rgb{s}"))
-        stems = {p.parent / p.stem[: -len("_rgb")] for p in rgb_files}
-        if len(stems) != len(rgb_files):
-            raise DataError(f"folder: {self.root} has a frame with several RGB files (e.g. NAME_rgb.png and .jpg)")
-        for depth in sorted(p for s in DEPTH_SUFFIXES for p in self.root.rglob(f"*_depth{s}")):
-            if depth.parent / depth.stem[: -len("_depth")] not in stems:
-                raise DataError(f"{depth}: depth file without a matching NAME_rgb.png/.jpg")
-        self.items = sorted((self._list_frame(p) for p in rgb_files), key=lambda item: item["name"])
+        # One directory walk: group `<base>_<role>.<ext>` files by base (roles and map keys contain no "_").
+        frames: dict[Path, dict[str, list[Path]]] = {}
+        for path in sorted(self.root.rglob("*_*")):
+            base, _, role = path.stem.rpartition("_")
+            if path.is_file() and base:
+                frames.setdefault(path.parent / base, {}).setdefault(role, []).append(path)
+        for base, roles in frames.items():
+            rgb = _one_file(base, "rgb", roles.get("rgb", []), RGB_SUFFIXES, required=False)
+            if rgb is None:
+                depth = _one_file(base, "depth", roles.get("depth", []), DEPTH_SUFFIXES, required=False)
+                if depth is not None:
+                    raise DataError(f"{depth}: depth file without a matching NAME_rgb.png/.jpg")
+                continue
+            self.items.append(
+                {
+                    "name": str(base.relative_to(self.root)),
+                    "rgb": rgb,
+                    "depth": _one_file(base, "depth", roles.get("depth", []), DEPTH_SUFFIXES, required=True),
+                    "gt": _one_file(base, "gt", roles.get("gt", []), DEPTH_SUFFIXES, required=False),
+                    "intrinsics": _one_file(base, "intrinsics", roles.get("intrinsics", []), (".json",), False),
+                    "meta": _one_file(base, "meta", roles.get("meta", []), (".json",), required=False),
+                    "extras": {
+                        key: path
+                        for key, paths in roles.items()
+                        if key not in ROLES
+                        for path in paths
+                        if path.suffix.lower() in DEPTH_SUFFIXES
+                    },
+                }
+            )
+        self.items.sort(key=lambda item: item["name"])
         self._require_items("NAME_rgb.png + NAME_depth.png files")
-
-    def _list_frame(self, rgb: Path) -> dict[str, Any]:
-        directory, stem = rgb.parent, rgb.stem[: -len("_rgb")]
-        extras = {}
-        for path in sorted(directory.glob(f"{stem}_*")):
-            key = path.stem[len(stem) + 1 :]
-            if key not in ROLES and "_" not in key and path.suffix.lower() in DEPTH_SUFFIXES:
-                extras[key] = path
-        return {
-            "name": str((directory / stem).relative_to(self.root)),
-            "rgb": rgb,
-            "depth": _one_file(directory, f"{stem}_depth", DEPTH_SUFFIXES, required=True),
-            "gt": _one_file(directory, f"{stem}_gt", DEPTH_SUFFIXES, required=False),
-            "intrinsics": _one_file(directory, f"{stem}_intrinsics", (".json",), required=False),
-            "meta": _one_file(directory, f"{stem}_meta", (".json",), required=False),
-            "extras": extras,
-        }
 
     def read(self, item: dict[str, Any]) -> RGBDSample:
         depth = read_depth(item["depth"], self.depth_scale)
-        meta: dict[str, Any] = json.loads(item["meta"].read_text()) if item["meta"] else {}
+        meta: dict[str, Any] = _read_json(item["meta"]) if item["meta"] else {}
         gt = read_depth(item["gt"], self.depth_scale) if item["gt"] else None
         if gt is None and meta.get("depth_is_gt"):
             gt = depth
         for key, path in item["extras"].items():
-            values = np.load(path, allow_pickle=False) if path.suffix == ".npy" else _read_map_png(path)
+            values = read_npy(path) if path.suffix.lower() == ".npy" else _read_map_png(path)
             if values is not None:
                 meta[key] = values
         files = [p for p in (item["rgb"], item["depth"], item["gt"]) if p is not None]
