@@ -414,6 +414,8 @@ class DepthVLM(Qwen2_5_VLForConditionalGeneration):
         if quantization is not None:
             kwargs.update(_nf4_kwargs(quantization, kwargs))
         model = _load_qwen(super().from_pretrained, weights, path, *model_args, **kwargs)
+        if quantization is not None:
+            _disable_cpu_repacking(model)
         if cfg.query_mode == "pointer" and reference is not None and reference.get("pointer_token_id") is not None:
             init_pointer_embedding(model, reference["pointer_token_id"])
         model.attach_depth_branch(cfg)
@@ -449,6 +451,27 @@ def _nf4_kwargs(quantization: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         llm_int8_skip_modules=NF4_SKIP_MODULES,
     )
     return {"quantization_config": config, "device_map": kwargs.get("device_map") or ({"": 0} if cuda else "cpu")}
+
+
+def _disable_cpu_repacking(model: nn.Module) -> None:
+    """bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks a 4-bit layer's weights, irreversibly, at its first no-grad
+    eval forward into an inference-only layout (bf16 kernel without autograd, whose in-place bias add then fails
+    under autograd): one evaluation would break later training and shift logits by ~5e-3. Keeping the ordinary
+    layout makes forward and backward work in any order, with the same numbers in train and eval."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def cpu_repacked_4bit_layers(model: nn.Module) -> list[str]:
+    """Names of 4-bit layers whose weights bitsandbytes has repacked for CPU inference (they cannot be trained)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if getattr(getattr(getattr(module, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
+    ]
 
 
 def _load_qwen(load: Any, weights: str, path: str, *model_args: Any, **kwargs: Any) -> DepthVLM:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from vlm_depth.errors import ModelError
-from vlm_depth.model.depth_vlm import DepthVLM, is_branch_key
+from vlm_depth.model.depth_vlm import DepthVLM, cpu_repacked_4bit_layers, is_branch_key
 
 LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Linear layers of a Qwen2.5-VL vision block (attention and gated MLP).
@@ -51,6 +51,12 @@ def apply_lora(
         raise ModelError("attach the depth branch before LoRA (DepthVLM.from_pretrained does)")
     if getattr(model, "_hf_peft_config_loaded", False):
         raise ModelError("the model already has a LoRA adapter")
+    repacked = cpu_repacked_4bit_layers(model)
+    if repacked:
+        raise ModelError(
+            f"bitsandbytes repacked {len(repacked)} 4-bit layers (e.g. {repacked[0]}) for CPU inference, which has "
+            "no backward; load with DepthVLM.from_pretrained(..., quantization='nf4') to train on CPU"
+        )
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,

@@ -5,9 +5,10 @@ projection of the merged visual feature (what fills the `<|image_pad|>` placehol
 embedding space) bilinearly sampled at the queried pixel, plus a projected Fourier encoding of the pixel's offset
 inside its merged cell (28x28 pixels for Qwen2.5-VL). The image is encoded once, however many pixels are queried.
 
-Pixel convention: `pointer_xy` (n, 2) holds (x, y) = (column, row) pixel indices on the processor's resized grid
-(H' = grid_h * 14, W' = grid_w * 14); pixel (x, y) covers [x, x + 1) x [y, y + 1), its centre is (x + 0.5, y + 0.5).
-Fractional values are allowed and sampled bilinearly the same way.
+Pixel convention (that of `DepthProcessor.to_grid_xy`): `pointer_xy` (n, 2) holds (x, y) = (column, row) on the
+processor's resized grid (H' = grid_h * 14, W' = grid_w * 14) in pixel units with pixel centres at integers, so
+integer values are pixel indices and any value in [-0.5, W' - 0.5] x [-0.5, H' - 0.5] is allowed (sampled
+bilinearly).
 
 Init (pointer mode must name the pixel from step 0): `feature_proj` is the identity with zero bias, so the pointer
 embedding starts as the visual feature at the pixel (interpolated between the merged tokens around it), which the LLM
@@ -88,7 +89,7 @@ def sample_pointer_features(
         sel = (index == image).nonzero().squeeze(1)
         size = torch.tensor([w * patch_size, h * patch_size], device=xy.device, dtype=torch.float32)
         points = xy[sel]
-        if (points < 0).any() or (points >= size).any():
+        if (points < -0.5).any() or (points > size - 0.5).any():
             raise ModelError(f"pointer pixel outside the {w * patch_size}x{h * patch_size} grid of image {image}")
         grid = image_embeds[starts[image] : starts[image + 1]]
         grid = grid.view(t, h // merge_size, w // merge_size, -1)[0].permute(2, 0, 1)[None]
@@ -132,7 +133,7 @@ def add_pointer_token(model: nn.Module, tokenizer, token: str | None = None) -> 
     """Add the pointer special token (default `model.depth_cfg.pointer_token`) to `tokenizer` and the model's
     embeddings (mean-initialised rows); returns its id. Idempotent for a tokenizer that already has it."""
     token = token or model.depth_cfg.pointer_token
-    tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_additional_special_tokens=False)
+    tokenizer.add_tokens([token], special_tokens=True)
     token_id = tokenizer.convert_tokens_to_ids(token)
     if getattr(model.config, "pointer_token_id", None) != token_id:
         init_pointer_embedding(model, token_id)
