@@ -8,7 +8,8 @@ import pytest
 
 from vlm_depth.errors import ConfigError, DataError
 from vlm_depth.eval.baselines import BASELINES, get_baseline, ip_basic
-from vlm_depth.eval.metrics import valid_depth
+from vlm_depth.eval.metrics import compute_metrics, valid_depth
+from vlm_depth.prompts.sparsify import sparsify
 
 H, W = 48, 64
 
@@ -110,3 +111,31 @@ def test_ipbasic_on_a_real_kitti_lidar_scan_gives_a_dense_finite_map(shared_data
     assert dense.shape == sparse.shape and np.isfinite(dense).all()
     assert sparse[valid].min() - 1e-3 <= dense.min() and dense.max() <= sparse[valid].max() + 1e-3
     np.testing.assert_array_equal(dense[valid], sparse[valid])
+
+
+def _rmse_on_fill(name: str, rgb: np.ndarray, sparse: np.ndarray, reference: np.ndarray) -> float:
+    fill = valid_depth(reference) & ~valid_depth(sparse)
+    return compute_metrics(BASELINES[name](rgb, sparse), reference, fill)["rmse"]
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9])
+def test_ipbasic_beats_nearest_on_held_out_points_of_a_real_lidar_scan(shared_data, keep):
+    # IP-Basic was designed for real LiDAR scans: complete from a share of the scan, score on the held-out points.
+    folder = shared_data / "train-and-test" / "kitti_object_lidar_mmdet3d"
+    scan = _read_kitti_png(folder / "000008_sparse_depth_projected.png")
+    rgb = cv2.cvtColor(cv2.imread(str(folder / "000008.png")), cv2.COLOR_BGR2RGB)
+    for seed in range(3):
+        sparse = sparsify(f"density:{keep}", scan, seed=seed)
+        assert _rmse_on_fill("ipbasic", rgb, sparse, scan) < _rmse_on_fill("nearest", rgb, sparse, scan)
+
+
+@pytest.mark.parametrize("protocol", ["uniform:5000", "lidar:64"])
+def test_linear_beats_nearest_and_median_on_kitti_ground_truth(shared_data, protocol):
+    folder = shared_data / "train-and-test" / "kitti_dc_gt_metric3d"
+    intrinsics = (707.0493, 707.0493, 604.0814, 180.5066)  # SOURCE.md (approximate, shared by the three frames)
+    for path in sorted((folder / "gt_depth").glob("*.png")):
+        gt = _read_kitti_png(path)
+        rgb = cv2.cvtColor(cv2.imread(str(folder / "rgb" / path.name)), cv2.COLOR_BGR2RGB)
+        sparse = sparsify(protocol, gt, rgb=rgb, intrinsics=intrinsics, seed=0)
+        rmse = {name: _rmse_on_fill(name, rgb, sparse, gt) for name in ("linear", "nearest", "median")}
+        assert rmse["linear"] < rmse["nearest"] < rmse["median"], (path.name, rmse)

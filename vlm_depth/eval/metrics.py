@@ -152,9 +152,11 @@ def eval_mask(
     *,
     max_depth: float | None = None,
     crop: str | Iterable[int] | None = None,
+    min_depth: float | None = None,
 ) -> dict[str, np.ndarray]:
-    """Evaluation masks of one image: `all` (GT valid, within the depth cap and the crop), `fill` (all & input
-    missing: where the sensor failed) and `keep` (all & input valid). gt, input_depth: (H, W) meters, 0 = missing.
+    """Evaluation masks of one image: `all` (GT valid, within [min_depth, max_depth] and the crop), `fill` (all &
+    input missing: where the sensor failed) and `keep` (all & input valid). gt, input_depth: (H, W) meters, 0 =
+    missing; the depth range is in meters (e.g. NYU caps at 10 m, VOID evaluates 0.2-5 m).
 
     crop: (top, bottom, left, right) or "top:bottom,left:right"; a crop larger than the image is an error.
     """
@@ -163,6 +165,8 @@ def eval_mask(
     region = valid_depth(gt)
     if max_depth is not None and max_depth > 0:
         region &= gt <= max_depth
+    if min_depth is not None and min_depth > 0:
+        region &= gt >= min_depth
     bounds = parse_crop(crop)
     if bounds is not None:
         top, bottom, left, right = bounds

@@ -1,0 +1,53 @@
+"""`vlm-depth eval` config: one dataset x protocol(s) x method(s) from the command line, or a suite YAML file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class EvalConfig:
+    """`vlm-depth eval`: metrics of completion methods on datasets under sparsity protocols.
+
+    Single run:  vlm-depth eval --dataset folder:my_scans --protocol uniform:500 --baseline all --out runs/eval/x
+    Suite:       vlm-depth eval --suite eval/zero_shot.yaml --out runs/eval/zero_shot
+    """
+
+    dataset: str = _help(
+        "Dataset as KIND:PATH (e.g. `nyuv2:data/nyu_depth_v2_labeled.mat`, `folder:scans`).", default=""
+    )
+    split: str = _help("Dataset split (empty = the reader's default split).", default="")
+    options: str = _help(
+        "Reader options as a YAML mapping, e.g. `{depth_scale: 256}` for a folder of KITTI-encoded PNGs.", default=""
+    )
+    protocol: str = _help(
+        "Sparsity protocol(s), comma-separated (e.g. `uniform:500`, `lidar:64`, `sensor`, `blocks:hard`).",
+        default="sensor",
+    )
+    model: str = _help("vlm-depth checkpoint folder to evaluate (mutually exclusive with --baseline).", default="")
+    readout: str = _help("Model readout: `query` (pixel-query decoder) or `mdm` (MDM head).", default="query")
+    baseline: str = _help(
+        "Classical baseline(s), comma-separated: nearest, linear, ipbasic, median, or `all`.", default=""
+    )
+    suite: str = _help(
+        "Suite YAML (datasets x protocols x methods), e.g. `eval/zero_shot.yaml` or a name in top-level `eval/`; "
+        "replaces --dataset/--protocol/--model/--baseline.",
+        default="",
+    )
+    out: str = _help("Output folder: report.md, results.csv, plots, and one folder per cell.", default="runs/eval")
+    seed: int = _help("Seed of the sparsity protocols (image i uses a seed derived from (seed, i)).", default=0)
+    max_images: int = _help("Evaluate only the first N images of each dataset (0 = all).", default=0)
+    max_depth: float = _help(
+        "Depth cap in meters for the evaluated GT pixels (0 = the dataset's own cap, or none).", default=0.0
+    )
+    crop: str = _help(
+        "Evaluation crop: `dataset` (the dataset's standard crop if it has one, e.g. NYU Eigen), `none`, or "
+        "`top:bottom,left:right` in RGB pixels.",
+        default="dataset",
+    )
+    panels: int = _help("compare.png panels (RGB | input | prediction | error) per cell.", default=2)
