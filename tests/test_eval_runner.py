@@ -223,7 +223,7 @@ def test_bad_requests_are_clear_config_errors(gt_folder, tmp_path):
         run_eval(EvalConfig(**base, baseline="nearest", crop="10:5,0:4"))
 
 
-@pytest.mark.parametrize("name", ["zero_shot", "label_free_vs_gt"])
+@pytest.mark.parametrize("name", ["zero_shot", "label_free_vs_gt", "sample_frames"])
 def test_benchmark_suites_parse_with_known_readers_and_protocols(name):
     from vlm_depth.data import parse_spec
     from vlm_depth.prompts.sparsify import parse_protocol
@@ -238,3 +238,16 @@ def test_benchmark_suites_parse_with_known_readers_and_protocols(name):
         assert models == {"label-free": "runs/qwen2.5-vl-3b-sd", "gt-supervised": "runs/qwen2.5-vl-3b-gt"}
         assert suite.compare == [("label-free", "gt-supervised")]
     assert (REPO_ROOT / "eval" / f"{name}.yaml").is_file()
+
+
+def test_sample_frames_suite_reads_every_listed_frame(shared_data, monkeypatch):
+    from vlm_depth.eval.metrics import valid_depth
+
+    if shared_data.resolve() != (REPO_ROOT.parent / "shared" / "data").resolve():
+        pytest.skip("the suite points at ../shared/data relative to the repository root")
+    monkeypatch.chdir(REPO_ROOT)
+    suite = load_suite("sample_frames")
+    assert [m.baseline for m in suite.methods] == list(BASELINES)
+    for entry in suite.datasets:
+        sample = load(entry.spec, split=entry.split or None, **entry.options)[0]
+        assert valid_depth(sample.depth).mean() > 0.001, entry.name  # nuScenes, the sparsest, has 0.21 %

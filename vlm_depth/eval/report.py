@@ -104,8 +104,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def _metric_table(results: Sequence[Mapping[str, Any]], columns: Sequence[tuple]) -> list[str]:
-    """Methods as rows; the best value of each column (two or more methods) in bold."""
+def _metric_table(
+    results: Sequence[Mapping[str, Any]], columns: Sequence[tuple], count_region: str | None = None
+) -> list[str]:
+    """Methods as rows; the best value of each column (two or more methods) in bold; the last column counts the
+    images averaged (over `count_region`'s pixels: images without any are excluded)."""
 
     def value(result: Mapping[str, Any], region: str | None, metric: str) -> Any:
         return (result.get(region, {}) if region else result).get(metric)
@@ -118,9 +121,9 @@ def _metric_table(results: Sequence[Mapping[str, Any]], columns: Sequence[tuple]
             v = value(result, *col[:2])
             text = _fmt(v, col[3])
             cells.append(f"**{text}**" if best[col] is not None and v == best[col] else text)
-        cells.append(str(result["n_images"]))
+        cells.append(str(value(result, count_region, "n_images")))
         rows.append(cells)
-    return _table(["method", *(col[2] for col in columns), "images"], rows)
+    return _table(["method", *(col[2] for col in columns), f"{count_region or 'all'} images"], rows)
 
 
 def metric_gaps(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, float | None]:
@@ -222,7 +225,10 @@ def save_compare_panel(
     error_cmap = matplotlib.colormaps["magma"].with_extremes(bad="black")
 
     height, width = sparse.shape
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4 * height / width + 0.6))
+    columns = 2 if width > 2 * height else 4  # wide frames (KITTI) as a 2x2 grid stay readable
+    rows = 4 // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(16, rows * 16 / columns * height / width + 0.8), squeeze=False)
+    axes = axes.ravel()
     axes[0].imshow(rgb)
     axes[0].set_title("RGB")
     # Sparse points are thickened for visibility only; the colours are the input values.
@@ -302,7 +308,7 @@ def write_report(
         lines += ["", f"## {dataset_name}: `{protocol}`", ""]
         lines += _cell_notes(rs)
         lines += ["", *_metric_table(rs, TABLE_COLUMNS), "", "Fill / keep:", ""]
-        lines += _metric_table(rs, FILL_KEEP_COLUMNS)
+        lines += _metric_table(rs, FILL_KEEP_COLUMNS, count_region="fill")
         panels = [(r["method"], p) for r in rs for p in r.get("panels", [])]
         if panels:
             lines += ["", "Panels (RGB | input | prediction | error): "]
