@@ -256,7 +256,7 @@ def test_loading_a_plain_checkpoint_attaches_a_fresh_branch(tiny_ckpt):
 
 
 def test_unreadable_folder_is_a_one_line_model_error(tmp_path):
-    with pytest.raises(ModelError, match="no_such_checkpoint") as err:
+    with pytest.raises(ModelError, match="no_such_checkpoint: no such checkpoint folder") as err:
         DepthVLM.from_pretrained(tmp_path / "no_such_checkpoint")
     assert "\n" not in str(err.value)
     broken = tmp_path / "broken"

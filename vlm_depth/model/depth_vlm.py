@@ -110,6 +110,7 @@ class DepthVLM(Qwen2_5_VLForConditionalGeneration):
 
     @property
     def pointer_token_id(self) -> int | None:
+        """Token id of the pointer token (set by `add_pointer_token`, saved in config.json / base_model.json)."""
         return getattr(self.config, "pointer_token_id", None)
 
     # ------------------------------------------------------------------ depth injection
@@ -403,6 +404,8 @@ class DepthVLM(Qwen2_5_VLForConditionalGeneration):
         folder = Path(path)
         if folder.exists() and not folder.is_dir():
             raise ModelError(f"{path}: not a checkpoint folder")
+        if not folder.exists() and (folder.is_absolute() or path.startswith(".") or len(folder.parts) > 2):
+            raise ModelError(f"{path}: no such checkpoint folder")  # clearly a local path, not a Hub id
         saved_cfg = DepthBranchConfig.load(folder) if DepthBranchConfig.exists(folder) else None
         if saved_cfg is not None and depth_cfg is not None and depth_cfg != saved_cfg:
             raise ModelError(f"{path}: saved with a different depth branch config; do not pass depth_cfg")
@@ -423,6 +426,8 @@ class DepthVLM(Qwen2_5_VLForConditionalGeneration):
             model.load_adapter(path, is_trainable=adapter_trainable)
         if saved_cfg is not None:
             model.load_branch(folder)
+        else:
+            logger.info("%s: plain Qwen2.5-VL checkpoint, fresh depth branch (fusion %s)", path, cfg.fusion)
         return model
 
 
