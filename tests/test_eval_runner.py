@@ -221,6 +221,16 @@ def test_bad_requests_are_clear_config_errors(gt_folder, tmp_path):
         run_eval(EvalConfig(**base, baseline="nearest", protocol="uniform:many"))
     with pytest.raises(ConfigError, match="crop"):
         run_eval(EvalConfig(**base, baseline="nearest", crop="10:5,0:4"))
+    suite = tmp_path / "s.yaml"
+    datasets = f"datasets:\n  - {{dataset: 'folder:{gt_folder}', protocols: [sensor]}}\n"
+    for methods, error in [
+        ("methods: [{baseline: nearest}]\ncompare: [[nearest, linear]]\n", "compare names"),
+        ("methods: [{baseline: nearest}, {baseline: nearest}]\n", "duplicate method"),
+        ("methods: [{baseline: nearest, checkpoint: x}]\n", "unknown keys"),
+    ]:
+        suite.write_text(methods + datasets)
+        with pytest.raises(ConfigError, match=error):
+            run_eval(EvalConfig(suite=str(suite), out=str(tmp_path / "o")))
 
 
 @pytest.mark.parametrize("name", ["zero_shot", "label_free_vs_gt", "sample_frames"])

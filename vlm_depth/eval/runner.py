@@ -98,7 +98,8 @@ def _split_list(text: str) -> list[str]:
     return [part.strip() for part in str(text).split(",") if part.strip()]
 
 
-def _baseline_methods(names: str | Sequence[str]) -> list[Method]:
+def baseline_methods(names: str | Sequence[str]) -> list[Method]:
+    """Methods for baseline names (a comma-separated string or a list; `all` = every registered baseline)."""
     names = _split_list(names) if isinstance(names, str) else list(names)
     if names == ["all"]:
         names = list(BASELINES)
@@ -107,7 +108,8 @@ def _baseline_methods(names: str | Sequence[str]) -> list[Method]:
     return [Method(name=name, baseline=name) for name in names]
 
 
-def _model_method(model: str, readout: str, name: str = "") -> Method:
+def model_method(model: str, readout: str = "query", name: str = "") -> Method:
+    """A checkpoint as a method, named `name` or `<folder>-<readout>`."""
     if readout not in ("query", "mdm"):
         raise ConfigError(f"readout must be `query` or `mdm`, got {readout!r}")
     return Method(name=name or f"{Path(model).name}-{readout}", model=model, readout=readout)
@@ -124,7 +126,7 @@ def suite_from_config(cfg: EvalConfig) -> Suite:
         raise ConfigError("give --dataset KIND:PATH (and --protocol, --model or --baseline) or --suite FILE.yaml")
     if bool(cfg.model) == bool(cfg.baseline):
         raise ConfigError("give exactly one of --model CKPT or --baseline NAME[,NAME...|all]")
-    methods = [_model_method(cfg.model, cfg.readout)] if cfg.model else _baseline_methods(cfg.baseline)
+    methods = [model_method(cfg.model, cfg.readout)] if cfg.model else baseline_methods(cfg.baseline)
     protocols = tuple(_split_list(cfg.protocol))
     if not protocols:
         raise ConfigError("--protocol is empty")
@@ -160,9 +162,9 @@ def load_suite(path: str | Path) -> Suite:
             raise ConfigError(f"{where}: expected a mapping with exactly one of `model` or `baseline`")
         _known_keys(item, {"model", "readout", "name", "baseline"}, where)
         if item.get("baseline"):
-            methods += _baseline_methods(item["baseline"])
+            methods += baseline_methods(item["baseline"])
         else:
-            methods.append(_model_method(str(item["model"]), item.get("readout", "query"), item.get("name", "")))
+            methods.append(model_method(str(item["model"]), item.get("readout", "query"), item.get("name", "")))
     datasets: list[DatasetEntry] = []
     for i, item in enumerate(data.get("datasets") or []):
         where = f"{path}: datasets[{i}]"
@@ -192,9 +194,7 @@ def load_suite(path: str | Path) -> Suite:
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise ConfigError(f"{path}: `compare` entries must be [METHOD_A, METHOD_B], got {pair!r}")
         compare.append((str(pair[0]), str(pair[1])))
-    suite = Suite(datasets, methods, compare)
-    _check_names(suite, str(path))
-    return suite
+    return Suite(datasets, methods, compare)
 
 
 def _check_names(suite: Suite, where: str) -> None:
@@ -425,13 +425,17 @@ def _command(cfg: EvalConfig) -> str:
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
-    """Evaluate every method on every dataset x protocol of `cfg` (single run or `cfg.suite`); returns a summary
-    (output paths, headline metrics per cell, skipped cells, label-free vs GT gaps)."""
+    """`vlm-depth eval`: the single run or `cfg.suite` of `cfg`, through `run_suite`."""
     if cfg.suite and (cfg.dataset or cfg.model or cfg.baseline):
         raise ConfigError("--suite replaces --dataset/--model/--baseline; give either a suite or a single run")
-    suite = load_suite(cfg.suite) if cfg.suite else suite_from_config(cfg)
-    if not cfg.suite:
-        _check_names(suite, "command line")
+    return run_suite(load_suite(cfg.suite) if cfg.suite else suite_from_config(cfg), cfg)
+
+
+def run_suite(suite: Suite, cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate every method of `suite` on every dataset x protocol and write the outputs under `cfg.out`; `cfg`
+    also gives the seed, the image limit, depth-cap/crop overrides and the number of panels. Returns a summary
+    (output paths, headline metrics per cell, skipped cells with reasons, per-metric gaps of `suite.compare`)."""
+    _check_names(suite, cfg.suite or "command line")
     _check_suite(suite, cfg.crop)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
