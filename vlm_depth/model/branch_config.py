@@ -48,6 +48,17 @@ class DepthBranchConfig:
     pointer_fourier: int = field(default=16, metadata={"help": "Fourier features of the pointer's sub-token offset."})
     template: str = field(default="paper", metadata={"help": "Prompt template name (top-level prompts/)."})
     decimals: int = field(default=3, metadata={"help": "Decimals of answers in meters."})
+    mdm_head: bool = field(
+        default=False,
+        metadata={"help": "Add the MDM head (LingBot-Depth ConvStack on the visual tokens): a dense readout, `mdm`."},
+    )
+    mdm_tokens: Literal["pre_merger", "post_merger"] = field(
+        default="pre_merger",
+        metadata={"help": "Tokens the MDM head reads: 14-px patch tokens before the 2x2 merger, or merged tokens."},
+    )
+    mdm_width: int = field(default=256, metadata={"help": "MDM head channels at the token grid (halved per level)."})
+    mdm_levels: int = field(default=4, metadata={"help": "MDM head 2x upsampling levels (4: 14 px -> 0.875 px)."})
+    mdm_blocks: int = field(default=1, metadata={"help": "MDM head residual conv blocks per level."})
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / CONFIG_NAME

@@ -6,7 +6,7 @@ embedding, `DepthPatchEmbed`) adds its embedding to the native patch tokens insi
 `soft` branch O is exactly 0, so the model is exactly the base model. `hard_concat` instead feeds the encoded depth
 to zero-initialised extra input channels of the patch embedding.
 
-Everything vlm-depth adds lives under `depth_branch` (DepthFusion, PointerEncoder, later heads) plus F_e2's own
+Everything vlm-depth adds lives under `depth_branch` (DepthFusion, PointerEncoder, MDM head) plus F_e2's own
 Conv3d beside the native one at `model.visual.patch_embed.depth_proj`; `is_branch_key` names them. They are saved to
 `depth_branch.safetensors`, apart from the Qwen2.5-VL weights (or LoRA adapter), so the base weights of a full
 fine-tune remain an ordinary Qwen2.5-VL checkpoint.
@@ -17,6 +17,7 @@ Checkpoint folder (`save_pretrained`): `config.json` + `model.safetensors` (full
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -32,6 +33,7 @@ from vlm_depth.model.align import patchify, unpatchify
 from vlm_depth.model.branch_config import DepthBranchConfig
 from vlm_depth.model.encodings import encode_depth, encoded_channels
 from vlm_depth.model.fusion import DepthFusion
+from vlm_depth.model.mdm_head import MDMHead, build_mdm_head, mdm_depth
 from vlm_depth.model.patch_embed import DepthPatchEmbed, wrap_patch_embed
 from vlm_depth.model.pointer import (
     PointerEncoder,
@@ -65,12 +67,13 @@ def is_branch_key(name: str) -> bool:
 class DepthBranch(nn.Module):
     """The modules vlm-depth adds to Qwen2.5-VL (F_e2's Conv3d lives in the wrapped patch embedding)."""
 
-    def __init__(self, cfg: DepthBranchConfig, hidden_size: int, init_std: float):
+    def __init__(self, cfg: DepthBranchConfig, hidden_size: int, init_std: float, vision_config):
         super().__init__()
         self.fusion = None if cfg.fusion == "hard_concat" else DepthFusion(cfg)
         self.pointer = (
             PointerEncoder(hidden_size, cfg.pointer_fourier, init_std) if cfg.query_mode == "pointer" else None
         )
+        self.mdm_head = build_mdm_head(cfg, vision_config) if cfg.mdm_head else None
 
 
 class DepthVLM(Qwen2_5_VLForConditionalGeneration):
@@ -94,7 +97,9 @@ class DepthVLM(Qwen2_5_VLForConditionalGeneration):
         device = self.get_input_embeddings().weight.device
         self.depth_cfg = depth_cfg
         text = self.config.get_text_config()
-        self.depth_branch = DepthBranch(depth_cfg, text.hidden_size, text.initializer_range).to(device)
+        self.depth_branch = DepthBranch(
+            depth_cfg, text.hidden_size, text.initializer_range, self.config.vision_config
+        ).to(device)
         if depth_cfg.fusion == "hard_concat":
             wrap_patch_embed(self.model.visual, "zero", encoded_channels(depth_cfg))
         else:
@@ -112,6 +117,24 @@ class DepthVLM(Qwen2_5_VLForConditionalGeneration):
     def pointer_token_id(self) -> int | None:
         """Token id of the pointer token (set by `add_pointer_token`, saved in config.json / base_model.json)."""
         return getattr(self.config, "pointer_token_id", None)
+
+    @property
+    def mdm_head(self) -> MDMHead:
+        """The MDM head (`depth_cfg.mdm_head`); ModelError when the model has none."""
+        head = None if self.depth_branch is None else self.depth_branch.mdm_head
+        if head is None:
+            raise ModelError("this model has no MDM head (train one with mdm_mode head_only or joint)")
+        return head
+
+    def attach_mdm_head(self, cfg: DepthBranchConfig) -> None:
+        """Add a fresh MDM head built from the `mdm_*` fields of `cfg` to the existing depth branch (e.g. to train
+        a head on a checkpoint trained without one); `depth_cfg` records it, so it is saved and restored."""
+        if self.depth_branch is None or self.depth_branch.mdm_head is not None:
+            raise ModelError("attach_mdm_head needs a depth branch without an MDM head")
+        fields = {k: getattr(cfg, k) for k in ("mdm_tokens", "mdm_width", "mdm_levels", "mdm_blocks")}
+        self.depth_cfg = dataclasses.replace(self.depth_cfg, mdm_head=True, **fields)
+        device = self.get_input_embeddings().weight.device
+        self.depth_branch.mdm_head = build_mdm_head(self.depth_cfg, self.config.vision_config).to(device)
 
     # ------------------------------------------------------------------ depth injection
     def depth_patches(
@@ -149,10 +172,29 @@ class DepthVLM(Qwen2_5_VLForConditionalGeneration):
         """Vision tower + depth injection + merger: the (n_merged_tokens_total, hidden) features that fill the
         `<|image_pad|>` placeholders, images in order. `depth_values=None`: no injection (the base model's
         features)."""
+        return self.vision_outputs(pixel_values, image_grid_thw, depth_values).pooler_output
+
+    def vision_outputs(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, depth_values: torch.Tensor | None = None
+    ):
+        """The vision tower's output with depth injection: `pooler_output` (merged tokens, as `encode_images`) and
+        `last_hidden_state` (14-px patch tokens before the merger, in the tower's window order)."""
         patches = None if depth_values is None else self.depth_patches(pixel_values, image_grid_thw, depth_values)
         visual = self.model.visual
         with self.depth_patch_embed.injecting(patches):
-            return visual(pixel_values.type(visual.dtype), grid_thw=image_grid_thw).pooler_output
+            return visual(pixel_values.type(visual.dtype), grid_thw=image_grid_thw)
+
+    def mdm_depth(
+        self,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.Tensor,
+        depth_values: torch.Tensor | None = None,
+        patch_mask: torch.Tensor | None = None,
+        out_sizes: list[tuple[int, int]] | None = None,
+    ) -> list[torch.Tensor]:
+        """MDM readout: one dense (H, W) depth map in meters per image (see `vlm_depth.model.mdm_head.mdm_depth`;
+        `patch_mask` (N,) hides 14-px patches' depth, `out_sizes` defaults to the processor's grid)."""
+        return mdm_depth(self, pixel_values, image_grid_thw, depth_values, patch_mask, out_sizes)
 
     # ------------------------------------------------------------------ pointer mode
     def pointer_embeddings(

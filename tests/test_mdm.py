@@ -1,0 +1,249 @@
+"""MDM head (LingBot-Depth masked depth modelling on the visual tokens): token order, shapes, masking through the
+shared mask module, losses, save/load, monocular mode, head-only training."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vlm_depth.model.align import patchify, unpatchify
+from vlm_depth.model.branch_config import DepthBranchConfig
+from vlm_depth.model.mdm_head import processor_order, token_grids
+from vlm_depth.prompts.masks import PatchState, mdm_patch_mask, patch_states, valid_mask
+from vlm_depth.prompts.textualize import select_queries
+from vlm_depth.train.mdm import SI_LAMBDA, MDMSpec, label_rows, mdm_fields, mdm_labels, mdm_loss, patch_mask_rows
+
+HEAD = dict(mdm_head=True, mdm_width=32, mdm_levels=2, mdm_blocks=1)
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_ckpt):
+    from vlm_depth.model.processor import DepthProcessor
+
+    return DepthProcessor.from_pretrained(tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    """Tiny DepthVLM with an MDM head; `he_init` fusion so that depth changes the visual tokens from step 0."""
+    from vlm_depth.model.depth_vlm import DepthVLM
+
+    torch.manual_seed(0)
+    return DepthVLM.from_pretrained(tiny_ckpt, depth_cfg=DepthBranchConfig(fusion="he_init", **HEAD)).eval()
+
+
+def _rgb_depth(seed: int, height: int, width: int, density: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    depth = np.where(rng.random((height, width)) < density, rng.uniform(0.5, 20.0, (height, width)), 0)
+    return rgb, depth.astype(np.float32)
+
+
+def _image_rows(processor) -> tuple[int, int]:
+    ip = processor.image_processor
+    return ip.patch_size, ip.merge_size
+
+
+# ---------------------------------------------------------------------------------------------- tokens and shapes
+def test_pre_merger_tokens_in_processor_order_reproduce_the_merged_output(model, processor):
+    """The tower's last hidden state is in window order; un-permuted, the merger maps it to the tower's own output."""
+    images = [_rgb_depth(1, 48, 64)[0], _rgb_depth(2, 300, 200)[0]]  # the second spans several attention windows
+    inputs = processor(rgb=images)
+    visual = model.model.visual
+    with torch.no_grad():
+        out = model.vision_outputs(inputs["pixel_values"], inputs["image_grid_thw"])
+        rows = processor_order(out.last_hidden_state, inputs["image_grid_thw"], model.config.vision_config)
+        torch.testing.assert_close(visual.merger(rows), out.pooler_output, rtol=0, atol=1e-6)
+        assert not torch.allclose(visual.merger(out.last_hidden_state), out.pooler_output)  # the order matters
+
+
+def test_token_grids_put_each_patch_at_its_image_position(processor):
+    """Rows in the processor's patch order (align.patchify of a coordinate image) land at their (row, column)."""
+    p, m = _image_rows(processor)
+    grid_thw = torch.tensor([[1, 4, 6], [1, 2, 2]])
+    rows = []
+    for _, h, w in grid_thw.tolist():
+        ys, xs = torch.meshgrid(torch.arange(h * p), torch.arange(w * p), indexing="ij")
+        coords = torch.stack([ys // p, xs // p]).float()[None]  # (1, 2, H', W'): the patch index of every pixel
+        rows.append(patchify(coords, p, m, 1).reshape(-1, 2, p * p)[:, :, 0])
+    grids = token_grids(torch.cat(rows), grid_thw, m, merged=False)
+    for grid, (_, h, w) in zip(grids, grid_thw.tolist()):
+        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        assert torch.equal(grid, torch.stack([ys, xs]).float())
+
+
+@pytest.mark.parametrize("tokens", ["pre_merger", "post_merger"])
+def test_mdm_depth_has_input_size_and_is_positive_and_finite(tiny_ckpt, processor, tokens):
+    from vlm_depth.model.depth_vlm import DepthVLM
+
+    torch.manual_seed(0)
+    cfg = DepthBranchConfig(fusion="he_init", **{**HEAD, "mdm_tokens": tokens})
+    model = DepthVLM.from_pretrained(tiny_ckpt, depth_cfg=cfg).eval()
+    sizes = [(48, 64), (37, 100), (120, 90), (64, 48)]
+    samples = [_rgb_depth(i, h, w) for i, (h, w) in enumerate(sizes)]
+    inputs = processor(rgb=[s[0] for s in samples], depth=[s[1] for s in samples])
+    with torch.no_grad():
+        depth = model.mdm_depth(
+            inputs["pixel_values"], inputs["image_grid_thw"], inputs["depth_values"], out_sizes=sizes
+        )
+        on_grid = model.mdm_depth(inputs["pixel_values"], inputs["image_grid_thw"], inputs["depth_values"])
+    p = processor.image_processor.patch_size
+    for d, g, size, (_, h, w) in zip(depth, on_grid, sizes, inputs["image_grid_thw"].tolist()):
+        assert d.shape == size and g.shape == (h * p, w * p)
+        assert torch.isfinite(d).all() and (d > 0).all() and torch.isfinite(g).all() and (g > 0).all()
+    # An image's output does not depend on the rest of its batch (group norms only, no batch statistics).
+    alone = processor(rgb=samples[0][0], depth=samples[0][1])
+    with torch.no_grad():
+        single = model.mdm_depth(
+            alone["pixel_values"], alone["image_grid_thw"], alone["depth_values"], out_sizes=sizes[:1]
+        )
+    torch.testing.assert_close(single[0], depth[0], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------- masking
+def test_masked_patches_contribute_nothing_to_the_depth_branch(model, processor):
+    """Changing depth inside masked patches leaves the MDM output unchanged; inside a visible patch it changes it."""
+    rgb, depth = _rgb_depth(3, 56, 56, density=1.0)  # 56 x 56 = the processor's grid: 4 x 4 patches of 14 px
+    inputs = processor(rgb=rgb, depth=depth)
+    p, m = _image_rows(processor)
+    masked_grid = torch.zeros(4, 4, dtype=torch.bool)
+    masked_grid[1:3, 0:3] = True
+    patch_mask = patchify(masked_grid[None, None].float(), 1, m, 1)[:, 0] > 0
+
+    def run(d: np.ndarray) -> torch.Tensor:
+        x = processor(rgb=rgb, depth=d)
+        with torch.no_grad():
+            return model.mdm_depth(x["pixel_values"], x["image_grid_thw"], x["depth_values"], patch_mask)[0]
+
+    base = run(depth)
+    inside = depth.copy()
+    inside[14:42, 0:42] = np.where(np.arange(42)[None] % 2, 0.0, 55.0)  # new values and holes, masked patches only
+    torch.testing.assert_close(run(inside), base, rtol=0, atol=0)
+    outside = depth.copy()
+    outside[0:14, 42:56] = 55.0
+    assert (run(outside) - base).abs().max() > 1e-4
+    assert inputs["depth_values"].shape[0] == patch_mask.shape[0] == 16
+
+
+def test_mdm_masking_and_textualizer_share_patch_decisions(processor):
+    """Same depth map, same seed: the MDM example's split equals the textualizer's, its patch decisions are the
+    shared `patch_states` / `mdm_patch_mask` of the depth the branch sees, and every query's fill/keep mask value
+    agrees with the state of its patch (nothing monkeypatched)."""
+    p, m = _image_rows(processor)
+    rgb, depth = _rgb_depth(4, 56, 84, density=0.15)
+    depth[:, 42:] = np.where(np.random.default_rng(5).random((56, 42)) < 0.9, 3.0, 0.0)  # denser right half
+    depth[:28, :28] = 7.0  # two fully valid patches ... and an empty block
+    depth[28:, :28] = 0.0
+    spec = MDMSpec(label_source="sparse")
+    for seed in range(5):
+        # The textualizer path (what the training collator does for the text loss).
+        text_rng = np.random.default_rng(seed)
+        shown, queries = select_queries(
+            depth, None, label_source="sparse", n_queries=40, keep_ratio=0.5, holdout_ratio=0.2, rng=text_rng
+        )
+        # The MDM path on the same depth map and seed.
+        mdm_rng = np.random.default_rng(seed)
+        mdm_shown, _ = select_queries(
+            depth, None, label_source="sparse", n_queries=40, keep_ratio=0.5, holdout_ratio=0.2, rng=mdm_rng
+        )
+        inputs = processor(rgb=rgb, depth=mdm_shown)
+        state_after_split = mdm_rng.bit_generator.state
+        fields = mdm_fields(depth, mdm_shown, None, inputs, mdm_rng, processor.image_processor, spec)
+        np.testing.assert_array_equal(mdm_shown, shown)
+
+        # Patch decisions: the shared functions on the depth the branch sees (56 x 84 is the processor's grid).
+        states = patch_states(valid_mask(shown), p)
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state_after_split
+        expected = mdm_patch_mask(states, rng, spec.mixed_keep_prob, spec.ratio_range)
+        expected_rows = patchify(torch.from_numpy(expected)[None, None].float(), 1, m, 1)[:, 0] > 0
+        assert torch.equal(fields["mdm_patch_mask"], expected_rows)
+        assert expected[states == PatchState.EMPTY].all()
+
+        # The textualizer's mask value (keep = 1, fill = 0) agrees with the patch states of the same valid mask.
+        for q in queries:
+            state = states[q.y // p, q.x // p]
+            assert state != (PatchState.EMPTY if q.kind == "keep" else PatchState.VALID)
+        # MDM labels are the held-out points: every fill query, with its label, and nothing the branch sees.
+        labels = mdm_labels(depth, shown, None, "sparse")
+        for q in queries:
+            assert labels[q.y, q.x] == (np.float32(q.label) if q.kind == "fill" else 0)
+        assert not (valid_mask(labels) & valid_mask(shown)).any()
+        assert torch.equal(fields["mdm_labels"], label_rows(labels, processor.image_processor))
+
+
+def test_label_free_labels_are_the_held_out_points_and_never_read_the_ground_truth():
+    class Poisoned:
+        def __getattr__(self, name):
+            raise AssertionError("ground truth was read")
+
+        def __array__(self, *args, **kwargs):
+            raise AssertionError("ground truth was read")
+
+    depth = np.array([[1.0, 0.0], [2.0, 3.0]], dtype=np.float32)
+    shown = np.array([[1.0, 0.0], [0.0, 3.0]], dtype=np.float32)
+    assert mdm_labels(depth, shown, Poisoned(), "sparse").tolist() == [[0, 0], [2, 0]]
+    assert mdm_labels(depth, shown, np.array([[np.nan, 4.0], [0.0, 5.0]]), "gt").tolist() == [[0, 4], [0, 5]]
+
+
+def test_mask_all_hides_every_patch_and_gives_the_monocular_map(model, processor):
+    rgb, depth = _rgb_depth(6, 48, 64)
+    inputs = processor(rgb=rgb, depth=depth)
+    rng = np.random.default_rng(0)
+    mask = patch_mask_rows(
+        inputs["depth_values"], inputs["image_grid_thw"], rng, processor.image_processor, MDMSpec(mask_all=True)
+    )
+    assert mask.all()
+    monocular = processor(rgb=rgb, depth=np.zeros_like(depth))
+    with torch.no_grad():
+        all_masked = model.mdm_depth(
+            inputs["pixel_values"], inputs["image_grid_thw"], inputs["depth_values"], mask, [(48, 64)]
+        )[0]
+        no_depth = model.mdm_depth(
+            monocular["pixel_values"], monocular["image_grid_thw"], monocular["depth_values"], None, [(48, 64)]
+        )[0]
+    assert all_masked.shape == (48, 64) and torch.isfinite(all_masked).all() and (all_masked > 0).all()
+    torch.testing.assert_close(all_masked, no_depth, rtol=0, atol=0)
+
+
+# -------------------------------------------------------------------------------------------------------- losses
+class _Geometry:
+    patch_size, merge_size, temporal_patch_size = 2, 2, 1
+
+
+def _rows(maps: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([patchify(x[None, None], 2, 2, 1) for x in maps])
+
+
+def test_l1_loss_and_region_metrics_match_hand_computation():
+    label = torch.tensor([[1.0, 0.0, 2.0, 4.0], [0.0, 3.0, 0.0, 8.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    pred = torch.full((4, 4), 2.0)
+    patch_mask = torch.tensor([True, False, False, False])  # the top-left 2 x 2 patch (first row of merge group)
+    out = mdm_loss([pred], _rows([label]), patch_mask, torch.tensor([[1, 2, 2]]), _Geometry, "l1")
+    # labelled: masked patch {1, 3} -> |1-2| + |3-2| = 2; visible {2, 4, 8, 1, 1, 1, 1} -> 0 + 2 + 6 + 4 = 12
+    assert out["loss_sum"].item() == 14 and out["loss_weight"].item() == 9
+    assert out["l1_masked_sum"].item() == 2 and out["n_masked"].item() == 2
+    assert out["l1_visible_sum"].item() == 12 and out["n_visible"].item() == 7
+
+
+def test_balanced_si_is_zero_when_exact_and_balances_visible_and_masked_regions():
+    grid = torch.tensor([[1, 8, 8]])
+    label = torch.linspace(1.0, 9.0, 256).reshape(16, 16)
+    patch_mask = torch.zeros(64, dtype=torch.bool)
+    patch_mask[:8] = True  # 8 of 64 patches masked: a small masked region
+
+    def loss(pred: torch.Tensor) -> float:
+        out = mdm_loss([pred], _rows([label]), patch_mask, grid, _Geometry, "balanced_si")
+        return (out["loss_sum"] / out["loss_weight"]).item()
+
+    in_masked = unpatchify(patch_mask[:, None].expand(-1, 4).float(), grid, 1, 2, 2, 1)[0][0] > 0
+    assert loss(label) == pytest.approx(0.0, abs=1e-10)
+    c = math.log(1.5)
+    # A log-offset c everywhere: SI = (1 - lambda) c^2 in each region and scale.
+    assert loss(label * 1.5) == pytest.approx((1 - SI_LAMBDA) * c * c, rel=1e-4)
+    # The same offset in the small masked region only: half the weight, whatever the region's size.
+    assert loss(torch.where(in_masked, label * 1.5, label)) == pytest.approx(0.5 * (1 - SI_LAMBDA) * c * c, rel=1e-4)
+    assert loss(torch.where(in_masked, label, label * 1.5)) == pytest.approx(0.5 * (1 - SI_LAMBDA) * c * c, rel=1e-4)

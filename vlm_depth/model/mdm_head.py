@@ -1,0 +1,245 @@
+"""MDM head: LingBot-Depth's masked-depth-modelling readout, a ConvStack decoder on Qwen2.5-VL's visual tokens that
+turns one vision-tower pass into a dense metric depth map (`--readout mdm`), next to the pixel-query readout.
+
+Tokens (`mdm_tokens`): `pre_merger` (default) takes the vision tower's last hidden states, one token per 14-px patch,
+before the 2x2 patch merger; `post_merger` takes the merged tokens (one per 28-px cell, the LLM's input space).
+Pre-merger is the default because (1) it has twice the spatial resolution, which a dense readout needs at depth
+edges, and it is what LingBot-Depth's ConvStack reads (patch-14 ViT tokens); (2) one token is exactly one MDM mask
+decision, since depth enters per 14-px patch (F_e2 embeds each patch on its own), so masked and visible patches
+map 1:1 to tokens; (3) the merger's MLP folds four patches into one vector made for the language model, which a
+dense decoder would have to unfold again; (4) the input is narrower (1280 vs 2048 channels for the 3B model).
+`post_merger` is offered for comparison; its gradients (joint training) also reach the merger.
+
+Pre-merger order: the vision tower permutes 2x2 merge groups into attention windows and only un-permutes the merged
+output, so its `last_hidden_state` is in window order. `processor_order` un-permutes it with the same window index
+(`transformers.vision_utils.get_vision_window_index`), giving rows in the processor's patch order (tested: the
+merger applied to them reproduces the tower's own merged output).
+
+Decoder (after MoGe / LingBot-Depth's ConvStack): LayerNorm on the tokens; the image's mean token is added to every
+token (a CLS-like global token broadcast); tokens are reshaped to the (h, w) patch grid; a 1x1 conv (with the UV
+encoding concatenated) to `width` channels; `levels` x [transposed-conv 2x upsampling + 3x3 conv, UV encoding of
+the new scale added through a 1x1 conv, `blocks` residual conv blocks], halving the width each time (>= 32); a 1x1
+conv to log-depth, bilinear upsampling (in log space) to the requested size, and `exp`: depth is positive by
+construction, and finite since log-depth is clamped to [1 mm, 10 km]. UV encoding: view-plane coordinates of the
+cell centres with the half-diagonal at 1 (MoGe's `normalized_view_plane_uv`), so the head knows position and aspect.
+Group norms (no batch statistics): an image's output does not depend on the other images of its batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlm_depth.errors import ConfigError
+
+TOKENS = ("pre_merger", "post_merger")
+MIN_WIDTH = 32
+LOG_DEPTH_RANGE = (math.log(1e-3), math.log(1e4))  # meters: keeps exp() finite in fp32 whatever the weights
+
+
+def head_input_dim(vision_config, tokens: str) -> int:
+    """Channels of the tokens the head reads: the vision width (pre_merger) or the merger's output (post_merger)."""
+    if tokens == "pre_merger":
+        return vision_config.hidden_size
+    if tokens == "post_merger":
+        return vision_config.out_hidden_size
+    raise ConfigError(f"mdm_tokens must be one of {TOKENS}, got {tokens!r}")
+
+
+def build_mdm_head(cfg, vision_config) -> MDMHead:
+    """A fresh MDM head for the branch config `cfg` (`mdm_tokens`, `mdm_width`, `mdm_levels`, `mdm_blocks`) on a
+    Qwen2.5-VL vision tower; it starts at sqrt(max_depth) meters everywhere (the geometric middle of 1 m and
+    `cfg.max_depth`)."""
+    return MDMHead(
+        head_input_dim(vision_config, cfg.mdm_tokens),
+        width=cfg.mdm_width,
+        levels=cfg.mdm_levels,
+        blocks=cfg.mdm_blocks,
+        init_depth=math.sqrt(cfg.max_depth),
+    )
+
+
+def processor_order(last_hidden_state: torch.Tensor, image_grid_thw: torch.Tensor, vision_config) -> torch.Tensor:
+    """Pre-merger tokens (N, C) of a Qwen2.5-VL vision tower, from its window order to the processor's patch order
+    (row i lies on row i of `pixel_values`)."""
+    from transformers.vision_utils import get_vision_window_index
+
+    merge = vision_config.spatial_merge_size
+    window_index, _ = get_vision_window_index(
+        image_grid_thw, merge, vision_config.window_size, vision_config.patch_size
+    )
+    groups = last_hidden_state.reshape(-1, merge * merge, last_hidden_state.shape[-1])
+    return groups[torch.argsort(window_index.to(groups.device))].reshape(last_hidden_state.shape)
+
+
+def token_grids(
+    tokens: torch.Tensor, image_grid_thw: torch.Tensor, merge_size: int, merged: bool
+) -> list[torch.Tensor]:
+    """Split tokens in processor order into one (C, h, w) grid per image: merged tokens (one per merge x merge
+    cell, raster order) on the (H'/28, W'/28) grid, or patch tokens (grouped 2x2 as the processor orders them) on
+    the (H'/14, W'/14) grid."""
+    m = merge_size
+    counts = [int(t * h * w) // (m * m if merged else 1) for t, h, w in image_grid_thw.tolist()]
+    grids = []
+    for rows, (t, h, w) in zip(tokens.split(counts), image_grid_thw.tolist()):
+        if t != 1:
+            raise ValueError(f"the MDM head reads still images (t = 1), got grid {t}x{h}x{w}")
+        if merged:
+            grids.append(rows.reshape(h // m, w // m, -1).permute(2, 0, 1))
+        else:
+            x = rows.reshape(h // m, w // m, m, m, -1).permute(4, 0, 2, 1, 3)  # (C, h/m, m, w/m, m)
+            grids.append(x.reshape(-1, h, w))
+    return grids
+
+
+def view_plane_uv(height: int, width: int, device=None, dtype=None) -> torch.Tensor:
+    """(2, height, width) view-plane coordinates (u right, v down) of cell centres, the half-diagonal scaled to 1."""
+    diagonal = math.hypot(width, height)
+    u = (torch.arange(width, device=device, dtype=torch.float32) + 0.5 - width / 2) * (2 / diagonal)
+    v = (torch.arange(height, device=device, dtype=torch.float32) + 0.5 - height / 2) * (2 / diagonal)
+    uv = torch.stack(torch.meshgrid(u, v, indexing="xy"))
+    return uv.to(dtype) if dtype is not None else uv
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(max(1, channels // 32), channels)
+
+
+def _conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, padding=1, padding_mode="replicate")
+
+
+class ResidualConvBlock(nn.Module):
+    """x + conv(act(norm(conv(act(norm(x)))))), 3x3 convs with replicate padding (pre-activation)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.layers = nn.Sequential(
+            _norm(channels),
+            nn.ReLU(),
+            _conv3x3(channels, channels),
+            _norm(channels),
+            nn.ReLU(),
+            _conv3x3(channels, channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.layers(x)
+
+
+class Upsample(nn.Module):
+    """2x transposed-conv upsampling + a 3x3 conv. The four taps of the transposed conv start equal (nearest-
+    neighbour-like), which avoids the checkerboard pattern of a random init."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
+        self.conv = _conv3x3(out_channels, out_channels)
+        with torch.no_grad():
+            self.up.weight.copy_(self.up.weight[:, :, :1, :1].expand_as(self.up.weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.up(x))
+
+
+class MDMHead(nn.Module):
+    """ConvStack decoder: visual token grids -> dense metric depth (see the module docstring).
+
+    `in_dim`: token channels; `width`: channels at the token grid (halved per level, at least 32); `levels`: 2x
+    upsamplings (4 turns 14-px tokens into 0.875-px cells); `blocks`: residual blocks per level; `init_depth`:
+    meters, the depth the head predicts everywhere before training.
+    """
+
+    def __init__(self, in_dim: int, width: int = 256, levels: int = 4, blocks: int = 1, init_depth: float = 10.0):
+        super().__init__()
+        if width < 1 or levels < 0 or blocks < 0 or not init_depth > 0:
+            raise ConfigError(
+                f"MDM head needs width >= 1, levels >= 0, blocks >= 0, init_depth > 0 (got "
+                f"{width}, {levels}, {blocks}, {init_depth})"
+            )
+        widths = [max(width >> k, min(width, MIN_WIDTH)) for k in range(levels + 1)]
+        self.token_norm = nn.LayerNorm(in_dim)
+        self.input_proj = nn.Conv2d(in_dim + 2, widths[0], 1)
+        self.upsample = nn.ModuleList(Upsample(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.uv_proj = nn.ModuleList(nn.Conv2d(2, w, 1) for w in widths[1:])
+        self.stages = nn.ModuleList(nn.Sequential(*(ResidualConvBlock(w) for _ in range(blocks))) for w in widths)
+        self.output = nn.Conv2d(widths[-1], 1, 1)
+        with torch.no_grad():
+            self.output.bias.fill_(math.log(init_depth))
+
+    def log_depth(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token grids (B, in_dim, h, w) -> log-depth (B, 1, h * 2**levels, w * 2**levels), log meters, unclamped."""
+        dtype = self.output.weight.dtype
+        x = self.token_norm(tokens.to(dtype).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = x + x.mean(dim=(2, 3), keepdim=True)
+        batch, _, h, w = x.shape
+        uv = view_plane_uv(h, w, x.device, dtype).expand(batch, -1, -1, -1)
+        x = self.stages[0](self.input_proj(torch.cat([x, uv], dim=1)))
+        for upsample, uv_proj, stage in zip(self.upsample, self.uv_proj, self.stages[1:]):
+            x = upsample(x)
+            x = stage(x + uv_proj(view_plane_uv(*x.shape[-2:], x.device, dtype)))
+        return self.output(x)
+
+    def forward(self, tokens: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        """Token grids (B, in_dim, h, w) -> depth (B, H, W) float meters, > 0 and finite, at `out_size` = (H, W)."""
+        log_depth = F.interpolate(self.log_depth(tokens), size=tuple(out_size), mode="bilinear", align_corners=False)
+        return log_depth.clamp(*LOG_DEPTH_RANGE).exp().squeeze(1)
+
+    def predict(self, grids: Sequence[torch.Tensor], out_sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        """One depth map (H, W) meters per token grid (C, h, w), at its `out_sizes` entry; images of equal grid and
+        output size run as one batch."""
+        if len(grids) != len(out_sizes):
+            raise ValueError(f"{len(grids)} token grids but {len(out_sizes)} output sizes")
+        outputs: list[torch.Tensor | None] = [None] * len(grids)
+        groups: dict[tuple, list[int]] = {}
+        for i, (grid, size) in enumerate(zip(grids, out_sizes)):
+            groups.setdefault((*grid.shape[-2:], *size), []).append(i)
+        for key, members in groups.items():
+            depth = self(torch.stack([grids[i] for i in members]), key[2:])
+            for i, d in zip(members, depth):
+                outputs[i] = d
+        return outputs
+
+
+def visual_token_grids(outputs, image_grid_thw: torch.Tensor, vision_config, tokens: str) -> list[torch.Tensor]:
+    """(C, h, w) token grid per image from a vision-tower output (`last_hidden_state` for pre_merger,
+    `pooler_output` for post_merger)."""
+    merge = vision_config.spatial_merge_size
+    if tokens == "pre_merger":
+        rows = processor_order(outputs.last_hidden_state, image_grid_thw, vision_config)
+        return token_grids(rows, image_grid_thw, merge, merged=False)
+    if tokens == "post_merger":
+        return token_grids(outputs.pooler_output, image_grid_thw, merge, merged=True)
+    raise ConfigError(f"mdm_tokens must be one of {TOKENS}, got {tokens!r}")
+
+
+def mdm_depth(
+    model,
+    pixel_values: torch.Tensor,
+    image_grid_thw: torch.Tensor,
+    depth_values: torch.Tensor | None = None,
+    patch_mask: torch.Tensor | None = None,
+    out_sizes: Sequence[tuple[int, int]] | None = None,
+) -> list[torch.Tensor]:
+    """Dense depth from the MDM head of a DepthVLM `model`: one (H, W) float map in meters (> 0) per image.
+
+    `depth_values` (N, T*14*14) meters aligned with `pixel_values` (None: monocular); `patch_mask` (N,) bool, True =
+    that 14-px patch's depth is hidden: its rows are zeroed before the depth branch, exactly as missing depth.
+    `out_sizes`: (H, W) per image (default: the processor's resized grid, `image_grid_thw` x 14).
+    """
+    head = model.mdm_head
+    if patch_mask is not None:
+        if depth_values is None or patch_mask.shape != depth_values.shape[:1]:
+            got = None if depth_values is None else tuple(depth_values.shape)
+            raise ValueError(f"patch_mask {tuple(patch_mask.shape)} does not fit depth_values {got}")
+        depth_values = depth_values.masked_fill(patch_mask.to(depth_values.device)[:, None], 0)
+    vision = model.config.vision_config
+    outputs = model.vision_outputs(pixel_values, image_grid_thw, depth_values)
+    grids = visual_token_grids(outputs, image_grid_thw, vision, model.depth_cfg.mdm_tokens)
+    if out_sizes is None:
+        out_sizes = [(h * vision.patch_size, w * vision.patch_size) for _, h, w in image_grid_thw.tolist()]
+    return head.predict(grids, out_sizes)

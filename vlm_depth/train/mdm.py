@@ -1,0 +1,209 @@
+"""MDM training: LingBot-Depth's masking of the depth patches, the MDM labels, and the MDM losses.
+
+Masking. Patch decisions come from the shared mask module (`vlm_depth.prompts.masks`: `valid_mask` ->
+`patch_states` -> `mdm_patch_mask`), on the depth the depth branch would see (`depth_values`, the sparse input after
+the textualizer's hold-out, resized to the processor's grid). They are decided on the 14-px grid of the vision tower,
+not the 28-px merged grid, because depth enters per 14-px patch: a row of `depth_values` is one patch, F_e2 embeds
+it on its own and the pre-merger token is that patch, so "masked" means exactly "this patch's depth token carries no
+depth" (LingBot-Depth masks per patch-14 ViT token). A masked patch's depth rows are zeroed before the branch, i.e.
+it becomes missing depth, the state the branch already knows. "Mask all" is monocular mode.
+
+Labels (`mdm_labels`): label-free (`label_source: sparse`) = the held-out input points, the same split the
+textualizer makes (so the MDM and the query readouts learn from the same labels); `gt` = every pixel with valid
+ground truth. Labels are resized to the processor's grid with the valid-aware resize that never invents values
+(`align.resize_depth`) and stored as rows aligned with `pixel_values` (N, 14 * 14), like `depth_values`, so a batch
+concatenates them like the other image rows.
+
+Losses, on the head's output at the processor's grid, over labelled pixels:
+- `l1` (default, LingBot-Depth): |pred - label| in meters.
+- `balanced_si`: Vanishing Depth's balanced scale-invariant multi-scale loss. Per image, scale and region:
+  SI = mean(d^2) - SI_LAMBDA * mean(d)^2 with d = log pred - log label (Eigen et al.; SI_LAMBDA = 0.5 keeps the
+  absolute scale supervised, 1 would leave it free, which a metric readout cannot afford). Balanced: the visible
+  (unmasked) and the masked region each get half the weight (a region without labels gives its weight to the
+  other), so neither the usually larger masked area nor the reconstruction of visible depth dominates. Multi-scale:
+  the log-depths (prediction and labels, per region, valid-weighted) are average-pooled by SI_SCALES and the losses
+  averaged over scales. Vanishing Depth supervises several decoder stages; here the scales are pooled copies of
+  the one output, which keeps the head's parameters the same for both losses (no parameter left unused, which
+  distributed data parallel would reject).
+Losses come as (sum, weight) so a trainer can normalise over the global batch: for `l1` the weight is the number of
+labelled pixels, for `balanced_si` the number of images with labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vlm_depth.errors import ConfigError, DataError
+from vlm_depth.model.align import patchify, processor_grid, resize_depth, unpatchify
+from vlm_depth.prompts.masks import mdm_patch_mask, patch_states, valid_mask
+
+MDM_MODES = ("off", "head_only", "joint")
+MDM_LOSSES = ("l1", "balanced_si")
+SI_LAMBDA = 0.5
+SI_SCALES = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class MDMSpec:
+    """How one image's MDM inputs and labels are made (see the module docstring)."""
+
+    label_source: Literal["sparse", "gt"] = "sparse"
+    mixed_keep_prob: float = 0.5
+    ratio_range: tuple[float, float] = (0.6, 0.9)
+    mask_all: bool = False
+
+
+def mdm_labels(
+    depth: np.ndarray, shown: np.ndarray, gt: np.ndarray | None, label_source: Literal["sparse", "gt"]
+) -> np.ndarray:
+    """MDM labels (H, W) float32 meters, 0 = unlabelled. `sparse`: the points of the sparse input `depth` that the
+    textualizer held out (valid in `depth`, missing in `shown`); the ground truth is never read. `gt`: valid `gt`."""
+    if label_source == "sparse":
+        held = valid_mask(depth) & ~valid_mask(shown)
+        return np.where(held, depth, 0).astype(np.float32)
+    if label_source == "gt":
+        if gt is None:
+            raise DataError("MDM labels from ground truth (label_source 'gt'), but gt is None")
+        return np.where(valid_mask(gt), gt, 0).astype(np.float32)
+    raise ConfigError(f"label_source must be 'sparse' or 'gt', got {label_source!r}")
+
+
+def label_rows(labels: np.ndarray, image_processor) -> torch.Tensor:
+    """Labels (H, W) meters -> (N, p * p) rows aligned with the image's `pixel_values` rows (processor's grid and
+    patch order, one temporal copy)."""
+    grid = processor_grid(*labels.shape, image_processor)
+    resized = torch.from_numpy(resize_depth(labels, grid))[None, None]
+    return patchify(resized, image_processor.patch_size, image_processor.merge_size, 1)
+
+
+def _rows_to_maps(rows: torch.Tensor, image_grid_thw: torch.Tensor, patch: int, merge: int) -> list[torch.Tensor]:
+    """(N, patch * patch) rows of one channel -> one (H', W') map per image."""
+    return [m[0] for m in unpatchify(rows, image_grid_thw, 1, patch, merge, 1)]
+
+
+def patch_mask_rows(
+    depth_values: torch.Tensor,
+    image_grid_thw: torch.Tensor,
+    rng: np.random.Generator,
+    image_processor,
+    spec: MDMSpec = MDMSpec(),
+) -> torch.Tensor:
+    """LingBot-Depth patch mask (N,) bool (True = the patch's depth is hidden) for `depth_values` (N, T * p * p)
+    meters: per image, `patch_states` of its validity on the p-px grid, then `mdm_patch_mask` with `rng`."""
+    p, m, t = image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size
+    rows = []
+    for depth in unpatchify(depth_values, image_grid_thw, 1, p, m, t):
+        states = patch_states(valid_mask(depth[0]), p)
+        masked = mdm_patch_mask(states, rng, spec.mixed_keep_prob, spec.ratio_range, spec.mask_all)
+        rows.append(patchify(masked[None, None].float(), 1, m, 1)[:, 0] > 0)
+    return torch.cat(rows)
+
+
+def mdm_fields(
+    depth: np.ndarray,
+    shown: np.ndarray,
+    gt: np.ndarray | None,
+    inputs,
+    rng: np.random.Generator,
+    image_processor,
+    spec: MDMSpec = MDMSpec(),
+) -> dict[str, torch.Tensor]:
+    """The MDM keys of one training example: `mdm_labels` (N, p * p) and `mdm_patch_mask` (N,) bool, rows aligned
+    with `inputs["pixel_values"]` (the processor's output for the image with depth `shown`, the textualizer's
+    `shown_depth` of the sparse input `depth`)."""
+    labels = label_rows(mdm_labels(depth, shown, gt, spec.label_source), image_processor)
+    if labels.shape[0] != inputs["depth_values"].shape[0]:
+        raise DataError(
+            f"MDM labels of shape {depth.shape} do not fit the image's patch grid; give them at the RGB's size"
+        )
+    mask = patch_mask_rows(inputs["depth_values"], inputs["image_grid_thw"], rng, image_processor, spec)
+    return {"mdm_labels": labels, "mdm_patch_mask": mask}
+
+
+def _pool(values: torch.Tensor, weights: torch.Tensor, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted average pooling of (H, W) values by `scale` (edge cells keep their partial windows)."""
+    if scale == 1:
+        return values, weights
+    pooled_w = F.avg_pool2d(weights[None, None], scale, ceil_mode=True)[0, 0]
+    pooled_v = F.avg_pool2d((values * weights)[None, None], scale, ceil_mode=True)[0, 0]
+    return pooled_v / pooled_w.clamp(min=1e-12), pooled_w
+
+
+def _balanced_si(log_pred: torch.Tensor, log_label: torch.Tensor, labelled: torch.Tensor, masked: torch.Tensor):
+    """Balanced multi-scale SI loss of one image, or None without labels."""
+    regions = [w.float() for w in (labelled & ~masked, labelled & masked) if bool(w.any())]
+    if not regions:
+        return None
+    per_scale = []
+    for scale in SI_SCALES:
+        losses = []
+        for weights in regions:
+            pred, w = _pool(log_pred, weights, scale)
+            label, _ = _pool(log_label, weights, scale)
+            d = (pred - label)[w > 0]
+            losses.append((d**2).mean() - SI_LAMBDA * d.mean() ** 2)
+        per_scale.append(torch.stack(losses).mean())
+    return torch.stack(per_scale).mean()
+
+
+def mdm_loss(
+    preds: Sequence[torch.Tensor],
+    label_values: torch.Tensor,
+    patch_mask: torch.Tensor,
+    image_grid_thw: torch.Tensor,
+    image_processor,
+    kind: Literal["l1", "balanced_si"] = "l1",
+) -> dict[str, torch.Tensor]:
+    """MDM loss and metrics of a batch. `preds`: the head's (H', W') maps in meters, one per image (processor's
+    grid); `label_values` (N, p * p) and `patch_mask` (N,) rows as made by `mdm_fields`.
+
+    Returns sums and weights (fp32 scalars): `loss_sum` / `loss_weight` (see the module docstring), and the L1 in
+    meters over labelled pixels in masked patches (`l1_masked_sum`, `n_masked`) and in visible ones (`l1_visible_sum`,
+    `n_visible`).
+    """
+    if kind not in MDM_LOSSES:
+        raise ConfigError(f"mdm_loss must be one of {MDM_LOSSES}, got {kind!r}")
+    p, m = image_processor.patch_size, image_processor.merge_size
+    labels = _rows_to_maps(label_values, image_grid_thw, p, m)
+    masks = _rows_to_maps(patch_mask[:, None].expand(-1, p * p).float(), image_grid_thw, p, m)
+    zero = preds[0].new_zeros((), dtype=torch.float32)
+    out = {k: zero.clone() for k in ("loss_sum", "loss_weight", "l1_masked_sum", "n_masked", "l1_visible_sum")}
+    out["n_visible"] = zero.clone()
+    for pred, label, mask in zip(preds, labels, masks):
+        if pred.shape != label.shape:
+            raise ValueError(f"MDM prediction {tuple(pred.shape)} is not on the label grid {tuple(label.shape)}")
+        pred, label = pred.float(), label.to(pred.device)
+        labelled, masked = valid_mask(label), mask.to(pred.device) > 0
+        err = (pred - label).abs()
+        for name, region in (("masked", labelled & masked), ("visible", labelled & ~masked)):
+            out[f"l1_{name}_sum"] = out[f"l1_{name}_sum"] + err[region].detach().sum()
+            out[f"n_{name}"] = out[f"n_{name}"] + region.sum()
+        if kind == "l1":
+            out["loss_sum"] = out["loss_sum"] + err[labelled].sum()
+            out["loss_weight"] = out["loss_weight"] + labelled.sum()
+        else:
+            safe = torch.where(labelled, label, torch.ones_like(label))
+            loss = _balanced_si(pred.log(), safe.log(), labelled, masked)
+            if loss is not None:
+                out["loss_sum"] = out["loss_sum"] + loss
+                out["loss_weight"] = out["loss_weight"] + 1
+    return out
+
+
+def mdm_forward_loss(
+    model, batch: dict[str, torch.Tensor], image_processor, kind: str = "l1"
+) -> dict[str, torch.Tensor]:
+    """The MDM head's loss on a batch with `pixel_values`, `image_grid_thw`, `depth_values` and the `mdm_fields`
+    keys: the head reads the vision tower's tokens computed with the batch's patch mask applied (see `mdm_loss`)."""
+    preds = model.mdm_depth(
+        batch["pixel_values"], batch["image_grid_thw"], batch["depth_values"], patch_mask=batch["mdm_patch_mask"]
+    )
+    return mdm_loss(
+        preds, batch["mdm_labels"], batch["mdm_patch_mask"], batch["image_grid_thw"], image_processor, kind
+    )
