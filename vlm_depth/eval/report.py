@@ -99,12 +99,13 @@ def _best(values: Sequence[Any], metric: str) -> float | None:
     return max(finite) if metric in HIGHER_IS_BETTER else min(finite)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Lines of a Markdown table: `header` cells, then one line per row of cell strings."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def _metric_table(
+def metric_table(
     results: Sequence[Mapping[str, Any]], columns: Sequence[tuple], count_region: str | None = None
 ) -> list[str]:
     """Methods as rows; the best value of each column (two or more methods) in bold; the last column counts the
@@ -123,7 +124,7 @@ def _metric_table(
             cells.append(f"**{text}**" if best[col] is not None and v == best[col] else text)
         cells.append(str(value(result, count_region, "n_images")))
         rows.append(cells)
-    return _table(["method", *(col[2] for col in columns), f"{count_region or 'all'} images"], rows)
+    return markdown_table(["method", *(col[2] for col in columns), f"{count_region or 'all'} images"], rows)
 
 
 def metric_gaps(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, float | None]:
@@ -307,8 +308,8 @@ def write_report(
     for (dataset_name, protocol), rs in _group(results, ("dataset_name", "protocol")).items():
         lines += ["", f"## {dataset_name}: `{protocol}`", ""]
         lines += _cell_notes(rs)
-        lines += ["", *_metric_table(rs, TABLE_COLUMNS), "", "Fill / keep:", ""]
-        lines += _metric_table(rs, FILL_KEEP_COLUMNS, count_region="fill")
+        lines += ["", *metric_table(rs, TABLE_COLUMNS), "", "Fill / keep:", ""]
+        lines += metric_table(rs, FILL_KEEP_COLUMNS, count_region="fill")
         panels = [(r["method"], p) for r in rs for p in r.get("panels", [])]
         if panels:
             lines += ["", "Panels (RGB | input | prediction | error): "]
@@ -324,7 +325,7 @@ def write_report(
                 + [_fmt(row[k], 4) for k in ("value_a", "value_b", "gap")]
                 for row in rows
             ]
-            lines += _table(["dataset", "protocol", "metric", "A", "B", "A - B"], table)
+            lines += markdown_table(["dataset", "protocol", "metric", "A", "B", "A - B"], table)
     if skipped:
         lines += ["", "## Skipped", ""]
         lines += [f"- {s['dataset']} `{s['protocol']}` {s['method']}: {s['reason']}" for s in skipped]
