@@ -2,4 +2,6 @@ import sys
 
 from vlm_depth.cli import main
 
-sys.exit(main())
+# Guarded: worker processes (forkserver/spawn, e.g. `vlm-depth synth --workers N`) re-import this module.
+if __name__ == "__main__":
+    sys.exit(main())

@@ -47,7 +47,7 @@ class SynthConfig:
     height: int = _help("Image height in pixels.", default=240)
     width: int = _help("Image width in pixels.", default=320)
     preview: bool = _help("Also write a side-by-side preview PNG (RGB | GT | sensor | error).", default=False)
-    scene: str = _help("Scene layouts: room, street, or mixed (3/4 rooms).", default="mixed")
+    scene: str = _help("Scene layouts: room, street, or mixed (4/5 rooms).", default="mixed")
     workers: int = _help("Worker processes (0 = one per CPU core); the output does not depend on it.", default=0)
 
 
@@ -57,6 +57,16 @@ class DemoConfig:
 
     out: str = _help("Output folder for the whole demo run.", default="runs/demo")
     seed: int = _help("Seed for data, training and evaluation.", default=0)
+    recipe: str = _help(
+        "Training recipe (top-level train/); the demo sets its data, steps, seed and output.", default="tiny-synthetic"
+    )
+    train_steps: int = _help("Optimiser steps of the label-free training.", default=200)
+    num_train: int = _help("Synthetic training frames.", default=48)
+    num_eval: int = _help("Held-out synthetic frames (another seed) for the evaluation.", default=8)
+    height: int = _help("Frame height in pixels.", default=96)
+    width: int = _help("Frame width in pixels.", default=128)
+    mdm: bool = _help("Also train the MDM head (jointly) and evaluate its dense `mdm` readout.", default=True)
+    budget_minutes: float = _help("Time budget the report checks the whole run against (minutes).", default=10.0)
 
 
 @dataclass

@@ -1,0 +1,260 @@
+"""Synthetic RGB-D frames with simulated stereo-sensor failures: the embedded default dataset.
+
+Each frame is a procedural room or street (`synthetic_layout`), ray cast in NumPy (`synthetic_scene`): exact planar
+ground-truth depth, a shaded and textured RGB image, intrinsics and a per-pixel material label map. Its sensor depth
+comes from simulating an active stereo camera (`synthetic_sensor`): speckle-lit IR views matched by OpenCV's SGBM
+with a left-right check, so holes and errors fall where real sensors fail (textureless, specular and transparent
+surfaces, occlusion edges, range limits), not at random.
+
+A frame is a pure function of (seed, index): `generate_sample(i, seed)` gives the same bytes in any process, so
+training workers can draw frames on the fly. `vlm-depth synth` writes them in the `folder` format, and
+`load("synthetic:N?seed=S")` reads N frames as a dataset without touching the disk.
+
+Material codes of `sample.meta["material"]` ((H, W) uint8): 0 sky / no surface (no ground truth), 1 textured
+matte, 2 textureless, 3 specular, 4 transparent (the first surface along the pixel's ray).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import numpy as np
+
+from vlm_depth.config import SynthConfig, save_config
+from vlm_depth.data.dataset import RGBDDataset, register_reader
+from vlm_depth.data.sample import RGBDSample
+from vlm_depth.data.synthetic_layout import SCENE_KINDS, make_scene
+from vlm_depth.data.synthetic_scene import (
+    MATERIAL_NAMES,
+    SKY,
+    SPECULAR,
+    TEXTURELESS,
+    TRANSPARENT,
+    shade,
+    trace,
+)
+from vlm_depth.data.synthetic_sensor import sample_rig, simulate_sensor
+from vlm_depth.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Ground truth beyond this distance (far road, horizon) is dropped: it would not fit a millimetre uint16 PNG and no
+# benchmark evaluates that far.
+MAX_GT_DEPTH = 60.0
+FAILURE_MATERIALS = (TEXTURELESS, SPECULAR, TRANSPARENT)
+
+
+def _check_size(height: int, width: int) -> None:
+    if height < 32 or width < 32:
+        raise ConfigError(f"synthetic frames need height and width >= 32 pixels, got {height}x{width}")
+
+
+def generate_sample(index: int, seed: int, height: int = 240, width: int = 320, scene: str = "mixed") -> RGBDSample:
+    """Frame `index` of the synthetic stream `seed`: a deterministic function of its arguments alone.
+
+    Returns an `RGBDSample` with rgb (H, W, 3) uint8, depth = simulated sensor depth (H, W) float32 meters
+    (0 = missing), gt = ray-cast planar depth (H, W) float32 meters (0 = sky / beyond MAX_GT_DEPTH), intrinsics,
+    and meta {"material": (H, W) uint8 (codes in the module docstring), "scene", "baseline" (m), "sensor_max_range"
+    (m), "max_depth" (m)}.
+    """
+    if index < 0 or seed < 0:
+        raise ConfigError(f"synthetic index and seed must be >= 0, got index={index}, seed={seed}")
+    _check_size(height, width)
+    rng = np.random.default_rng([seed, index])
+    scene_, camera, ir_lights = make_scene(rng, scene, height, width)
+    left = trace(scene_, camera)
+    rgb = _tonemap(shade(left, scene_, scene_.lights, scene_.ambient, scene_.sky), rng).reshape(height, width, 3)
+    rig = sample_rig(rng, camera, outdoor=scene_.kind == "street")
+    depth, _, _ = simulate_sensor(scene_, left, camera, rig, ir_lights, rng)
+    gt = np.where(left.depth <= MAX_GT_DEPTH, left.depth, np.float32(0))
+    meta = {
+        "material": left.material,
+        "scene": scene_.kind,
+        "baseline": round(rig.baseline, 6),
+        "sensor_max_range": round(rig.max_range, 6),
+        "max_depth": MAX_GT_DEPTH,
+    }
+    return RGBDSample(rgb, depth, gt, camera.intrinsics, name=f"synth_{seed}_{index:06d}", meta=meta)
+
+
+def _tonemap(linear: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Linear RGB (N, 3) -> uint8 sRGB-like, auto-exposed on the 97th percentile, with mild sensor noise."""
+    scale = 0.92 / max(float(np.percentile(linear, 97)), 1e-6)
+    noisy = linear * scale + rng.normal(0, 0.006, linear.shape)
+    return np.rint(255 * np.clip(noisy, 0, 1) ** (1 / 2.2)).astype(np.uint8)
+
+
+def iter_samples(
+    num: int,
+    seed: int,
+    height: int = 240,
+    width: int = 320,
+    scene: str = "mixed",
+    start: int = 0,
+    workers: int = 1,
+) -> Iterator[RGBDSample]:
+    """Frames start .. start + num - 1 of the stream `seed` in order (see `generate_sample`).
+
+    workers > 1 generates them in that many processes; the frames are the same whatever the number of workers.
+    """
+    indices = range(start, start + num)
+    if workers <= 1 or num <= 1:
+        for index in indices:
+            yield generate_sample(index, seed, height, width, scene)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # forkserver: no fork of a parent that may hold threads (torch, OpenCV) mid-lock.
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(min(workers, num), mp_context=context) as pool:
+        n = len(indices)
+        yield from pool.map(generate_sample, indices, [seed] * n, [height] * n, [width] * n, [scene] * n)
+
+
+def missing_counts(sample: RGBDSample) -> dict[str, tuple[int, int]]:
+    """(missing, total) ground-truth pixels of a synthetic frame, overall and per material name."""
+    has_gt = sample.gt > 0
+    missing = has_gt & (sample.depth <= 0)
+    material = sample.meta["material"]
+    counts = {"overall": (int(missing.sum()), int(has_gt.sum()))}
+    for code, name in MATERIAL_NAMES.items():
+        if code != SKY:
+            sel = has_gt & (material == code)
+            counts[name] = (int((missing & sel).sum()), int(sel.sum()))
+    return counts
+
+
+def missing_rates(counts: Iterable[dict[str, tuple[int, int]]]) -> dict[str, float]:
+    """Pool per-frame `missing_counts` into missing rates (fraction of ground-truth pixels; NaN if none)."""
+    pooled: dict[str, list[int]] = {}
+    for frame in counts:
+        for name, (m, n) in frame.items():
+            total = pooled.setdefault(name, [0, 0])
+            total[0] += m
+            total[1] += n
+    return {name: (m / n if n else float("nan")) for name, (m, n) in pooled.items()}
+
+
+@register_reader("synthetic")
+class SyntheticDataset(RGBDDataset):
+    """`synthetic:N` or `synthetic:N?seed=S&height=H&width=W&scene=room|street|mixed`: N frames generated on access.
+
+    Keyword arguments of `load` override the query string. Nothing is read from or written to disk.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str | None = None,
+        seed: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        scene: str | None = None,
+    ) -> None:
+        count, _, query = str(root).partition("?")
+        options: dict[str, Any] = dict(parse_qsl(query, strict_parsing=bool(query)))
+        unknown = sorted(set(options) - {"seed", "height", "width", "scene"})
+        if unknown or not count.isdigit():
+            raise ConfigError(f"synthetic: expected 'synthetic:N?seed=S&height=H&width=W&scene=KIND', got {root!r}")
+        given = {"seed": seed, "height": height, "width": width, "scene": scene}
+        options.update({k: v for k, v in given.items() if v is not None})
+        split = self.splits[0] if split is None else split
+        if split not in self.splits:
+            raise ConfigError(f"synthetic: unknown split {split!r}; choose one of {self.splits}")
+        try:
+            self.seed, self.height = int(options.get("seed", 0)), int(options.get("height", 240))
+            self.width = int(options.get("width", 320))
+        except ValueError as exc:
+            raise ConfigError(f"synthetic: bad option in {root!r} ({exc})") from exc
+        self.scene = str(options.get("scene", "mixed"))
+        if self.scene not in SCENE_KINDS:
+            raise ConfigError(f"synthetic: unknown scene {self.scene!r}; choose one of {SCENE_KINDS}")
+        _check_size(self.height, self.width)
+        self.root, self.split = Path(str(root)), split
+        self.items = list(range(int(count)))
+
+    def read(self, item: int) -> RGBDSample:
+        return generate_sample(item, self.seed, self.height, self.width, self.scene)
+
+
+def render_preview(sample: RGBDSample) -> np.ndarray:
+    """Side-by-side (H + 16, 5 W, 3) uint8 panel: RGB | GT | sensor depth | |sensor - GT| | material.
+
+    Depths share one turbo colour scale (2-98th percentile of GT); the error scale is 0 (black) to 10 % of that
+    range (yellow); missing depth is black.
+    """
+    import cv2
+    import matplotlib
+
+    gt, depth, material = sample.gt, sample.depth, sample.meta["material"]
+    ref = gt[gt > 0]
+    lo, hi = (float(v) for v in np.percentile(ref, (2, 98))) if ref.size else (0.0, 1.0)
+
+    def colour(values: np.ndarray, cmap: str, vmin: float, vmax: float, valid: np.ndarray) -> np.ndarray:
+        lut = (255 * matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3]).astype(np.uint8)
+        idx = np.clip((values - vmin) / max(vmax - vmin, 1e-6) * 255, 0, 255).astype(np.uint8)
+        return np.where(valid[..., None], lut[idx], 0).astype(np.uint8)
+
+    both = (gt > 0) & (depth > 0)
+    palette = np.array([[0, 0, 0], [60, 170, 60], [230, 200, 60], [200, 60, 200], [60, 200, 230]], np.uint8)
+    panels = {
+        "RGB": sample.rgb,
+        "GT depth": colour(gt, "turbo", lo, hi, gt > 0),
+        "sensor depth": colour(depth, "turbo", lo, hi, depth > 0),
+        "|sensor - GT|": colour(np.abs(depth - gt), "inferno", 0, 0.1 * (hi - lo), both),
+        "material": palette[np.minimum(material, len(palette) - 1)],
+    }
+    row = []
+    for title, image in panels.items():
+        header = np.full((16, image.shape[1], 3), 255, np.uint8)
+        cv2.putText(header, title, (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        row.append(np.concatenate([header, image], axis=0))
+    return np.concatenate(row, axis=1)
+
+
+def run_synth(cfg: SynthConfig) -> dict[str, Any]:
+    """`vlm-depth synth`: write cfg.num frames in the folder format (+ an optional preview); return a summary."""
+    from tqdm.auto import tqdm
+
+    from vlm_depth.data.depth_io import write_rgb
+    from vlm_depth.data.folder import write_folder_sample
+
+    if cfg.num < 1:
+        raise ConfigError(f"--num must be >= 1, got {cfg.num}")
+    if cfg.scene not in SCENE_KINDS:
+        raise ConfigError(f"--scene must be one of {SCENE_KINDS}, got {cfg.scene!r}")
+    _check_size(cfg.height, cfg.width)
+    workers = cfg.workers if cfg.workers > 0 else (os.cpu_count() or 1)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(out, cfg)
+    start = time.perf_counter()
+    counts = []
+    frames = iter_samples(cfg.num, cfg.seed, cfg.height, cfg.width, cfg.scene, workers=workers)
+    for index, sample in enumerate(tqdm(frames, total=cfg.num, desc="synth")):
+        write_folder_sample(out, sample)
+        counts.append(missing_counts(sample))
+        if cfg.preview and index == 0:
+            preview = write_rgb(out / "preview.png", render_preview(sample))
+    elapsed = time.perf_counter() - start
+    summary: dict[str, Any] = {
+        "out": str(out),
+        "num": cfg.num,
+        "seed": cfg.seed,
+        "size": [cfg.height, cfg.width],
+        "elapsed_s": round(elapsed, 2),
+        "s_per_frame": round(elapsed / cfg.num, 3),
+        "workers": workers,
+        "missing_rate": {k: round(v, 4) for k, v in missing_rates(counts).items()},
+    }
+    if cfg.preview:
+        summary["preview"] = str(preview)
+    logger.info("synth: %d frames in %.1f s", cfg.num, elapsed)
+    return summary
