@@ -76,6 +76,13 @@ class BenchConfig:
     what: str = _help("What to benchmark: `decoder` or `train`.", default="decoder")
     model: str = _help("Checkpoint folder (a vlm-depth or plain Qwen2.5-VL checkpoint).", default="")
     out: str = _help("Optional folder for the JSON result and the resolved config.", default="")
+    height: int = _help("bench train: height of the benchmark images in pixels.", default=448)
+    width: int = _help("bench train: width of the benchmark images in pixels.", default=448)
+    num_images: int = _help("bench train: number of benchmark images.", default=2)
+    train_k: int = _help("bench train: queries packed per image, compared with K = 1.", default=64)
+    k1_queries: int = _help("bench train: queries per image timed one per sequence (K = 1); 0 = all.", default=16)
+    k1_batch: int = _help("bench train: sequences per K = 1 micro-batch.", default=4)
+    seed: int = _help("Seed of the benchmark images and query pixels.", default=0)
 
 
 def _split_config_arg(argv: Sequence[str]) -> tuple[str | None, list[str]]:
