@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -32,7 +33,11 @@ def model(tiny_ckpt):
     from vlm_depth.model.depth_vlm import DepthVLM
 
     torch.manual_seed(0)
-    return DepthVLM.from_pretrained(tiny_ckpt, depth_cfg=DepthBranchConfig(fusion="he_init", **HEAD)).eval()
+    model = DepthVLM.from_pretrained(tiny_ckpt, depth_cfg=DepthBranchConfig(fusion="he_init", **HEAD)).eval()
+    with torch.no_grad():  # away from the init (bias-only output), as after training
+        for param in model.mdm_head.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    return model
 
 
 def _rgb_depth(seed: int, height: int, width: int, density: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
@@ -247,3 +252,116 @@ def test_balanced_si_is_zero_when_exact_and_balances_visible_and_masked_regions(
     # The same offset in the small masked region only: half the weight, whatever the region's size.
     assert loss(torch.where(in_masked, label * 1.5, label)) == pytest.approx(0.5 * (1 - SI_LAMBDA) * c * c, rel=1e-4)
     assert loss(torch.where(in_masked, label, label * 1.5)) == pytest.approx(0.5 * (1 - SI_LAMBDA) * c * c, rel=1e-4)
+
+
+# --------------------------------------------------------------------------------------------- save / load / readout
+@pytest.fixture(scope="module")
+def head_ckpt(model, processor, tmp_path_factory):
+    """A full-weights vlm-depth checkpoint folder with an MDM head (and its processor)."""
+    folder = tmp_path_factory.mktemp("mdm") / "ckpt"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _mdm_of(model, processor, samples, mask_seed: int | None = None) -> list[torch.Tensor]:
+    inputs = processor(rgb=[s[0] for s in samples], depth=[s[1] for s in samples])
+    mask = None
+    if mask_seed is not None:
+        rng = np.random.default_rng(mask_seed)
+        mask = patch_mask_rows(inputs["depth_values"], inputs["image_grid_thw"], rng, processor.image_processor)
+    with torch.no_grad():
+        return model.mdm_depth(inputs["pixel_values"], inputs["image_grid_thw"], inputs["depth_values"], mask)
+
+
+def test_save_load_round_trip_restores_identical_mdm_outputs(model, processor, head_ckpt, tiny_ckpt, tmp_path):
+    from vlm_depth.model.depth_vlm import DepthVLM
+    from vlm_depth.model.peft_setup import apply_lora
+
+    samples = [_rgb_depth(7, 48, 64), _rgb_depth(8, 90, 120)]
+    before = _mdm_of(model, processor, samples, mask_seed=0)
+    loaded = DepthVLM.from_pretrained(head_ckpt).eval()
+    assert loaded.depth_cfg == model.depth_cfg and loaded.depth_cfg.mdm_head
+    for a, b in zip(before, _mdm_of(loaded, processor, samples, mask_seed=0)):
+        assert torch.equal(a, b)
+
+    # LoRA checkpoint: adapter + branch (head included) in depth_branch.safetensors.
+    torch.manual_seed(1)
+    lora = apply_lora(DepthVLM.from_pretrained(tiny_ckpt, depth_cfg=DepthBranchConfig(**HEAD))).eval()
+    lora_before = _mdm_of(lora, processor, samples)
+    lora.save_pretrained(tmp_path / "lora")
+    lora_loaded = DepthVLM.from_pretrained(tmp_path / "lora").eval()
+    for a, b in zip(lora_before, _mdm_of(lora_loaded, processor, samples)):
+        assert torch.equal(a, b)
+
+
+def test_a_head_attached_to_a_checkpoint_without_one_is_saved_and_restored(tiny_ckpt, processor, tmp_path):
+    from vlm_depth.errors import ModelError
+    from vlm_depth.model.depth_vlm import DepthVLM
+
+    plain = DepthVLM.from_pretrained(tiny_ckpt).eval()
+    with pytest.raises(ModelError, match="no MDM head"):
+        _ = plain.mdm_head
+    torch.manual_seed(2)
+    plain.attach_mdm_head(DepthBranchConfig(**{**HEAD, "mdm_tokens": "post_merger"}))
+    assert plain.depth_cfg.mdm_head and plain.depth_cfg.mdm_tokens == "post_merger"
+    samples = [_rgb_depth(9, 48, 64)]
+    before = _mdm_of(plain, processor, samples)
+    plain.save_pretrained(tmp_path / "ckpt")
+    after = _mdm_of(DepthVLM.from_pretrained(tmp_path / "ckpt").eval(), processor, samples)
+    assert torch.equal(before[0], after[0])
+
+
+def test_complete_mdm_readout_keeps_input_pixels_and_fills_the_rest(model, processor):
+    from vlm_depth.infer.complete import complete
+
+    rgb, sparse = _rgb_depth(10, 60, 80, density=0.05)
+    result = complete(model, processor, rgb, sparse, readout="mdm")
+    valid = sparse > 0
+    assert result.depth.shape == (60, 80) and result.depth.dtype == np.float32
+    np.testing.assert_array_equal(result.depth[valid], sparse[valid])
+    assert np.isfinite(result.depth).all() and (result.depth > 0).all()
+    assert (result.uncertainty[valid] == 0).all() and np.isnan(result.uncertainty[~valid]).all()
+    with torch.no_grad():
+        inputs = processor(rgb, sparse)
+        head = model.mdm_depth(
+            inputs["pixel_values"], inputs["image_grid_thw"], inputs["depth_values"], None, [(60, 80)]
+        )
+    np.testing.assert_allclose(result.depth[~valid], head[0].numpy()[~valid], rtol=1e-6)
+    monocular = complete(model, processor, rgb, None, readout="mdm")
+    assert np.isfinite(monocular.depth).all() and (monocular.depth > 0).all()
+
+
+def test_cli_complete_readout_mdm_end_to_end(head_ckpt, tiny_ckpt, tmp_path, capsys):
+    from vlm_depth.cli import main
+    from vlm_depth.data.depth_io import read_depth
+
+    rgb, sparse = _rgb_depth(11, 48, 64, density=0.1)
+    cv2.imwrite(str(tmp_path / "room.png"), rgb[..., ::-1])
+    np.save(tmp_path / "room_depth.npy", sparse)
+    out = tmp_path / "out"
+    args = ["complete", "--model", str(head_ckpt), "--rgb", str(tmp_path / "room.png"), "--depth"]
+    assert main([*args, str(tmp_path / "room_depth.npy"), "--readout", "mdm", "--out", str(out)]) == 0
+    depth = np.load(out / "room_depth.npy")
+    valid = sparse > 0
+    assert depth.shape == (48, 64) and np.isfinite(depth).all() and (depth > 0).all()
+    np.testing.assert_array_equal(depth[valid], sparse[valid])
+    assert np.abs(read_depth(str(out / "room_depth.png"), scale=1000.0) - depth).max() <= 0.0005 + 1e-6
+    # A checkpoint without a head: one clear error line, non-zero exit.
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                *args,
+                str(tmp_path / "room_depth.npy"),
+                "--readout",
+                "mdm",
+                "--out",
+                str(tmp_path / "x"),
+                "--model",
+                str(tiny_ckpt),
+            ]
+        )
+        == 2
+    )
+    assert "no MDM head" in capsys.readouterr().err

@@ -6,7 +6,8 @@ a small function registered in `READOUTS`:
 - `query` (default): the image prefix is encoded once, pixels on a grid (plus optional edge/uncertainty-driven
   extra pixels) are asked "what is the distance?" through `QueryDecoder`, and `assemble` fills between the answers
   with RGB-guided filtering. A zero-depth input is monocular mode: every pixel is a fill query.
-- `mdm`: the dense MDM head (added with the head's issue).
+- `mdm`: the dense MDM head (`vlm_depth.model.mdm_head`, checkpoints trained with `mdm_mode` head_only/joint): one
+  vision-tower pass with the sparse depth, the head's map upsampled to the RGB grid; no per-pixel uncertainty (NaN).
 `complete` then enforces "keep means keep" for every readout: valid input pixels are returned unchanged unless
 `settings.refine_keep`.
 """
@@ -151,6 +152,25 @@ def query_readout(
         timings["assemble_s"] += time.perf_counter() - start
     stats = {"stride": stride, **answers.counts(), "timings": timings}
     return ReadoutOutput(depth, uncertainty, stats)
+
+
+@register_readout("mdm")
+def mdm_readout(
+    model, processor, rgb: np.ndarray, sparse: np.ndarray, settings: ReadoutSettings, progress: bool = False
+) -> ReadoutOutput:
+    """MDM-head readout. sparse: (H, W) meters on the RGB grid, 0 = missing; no patch is masked at inference (the
+    missing depth is the natural mask, all zero = monocular). Depth above the checkpoint's `max_depth` is clipped to
+    it (counted as `clipped`); uncertainty is NaN (the head has none)."""
+    start = time.perf_counter()
+    inputs = processor(rgb, sparse)
+    keys = ("pixel_values", "image_grid_thw", "depth_values")
+    pixel_values, grid_thw, depth_values = (inputs[k].to(model.device) for k in keys)
+    with torch.no_grad():
+        depth = model.mdm_depth(pixel_values, grid_thw, depth_values, out_sizes=[rgb.shape[:2]])[0]
+    depth = depth.float().cpu().numpy()
+    limit = np.float32(model.depth_cfg.max_depth)
+    stats = {"queries": 0, "clipped": int((depth > limit).sum()), "timings": {"mdm_s": time.perf_counter() - start}}
+    return ReadoutOutput(np.minimum(depth, limit), np.full(depth.shape, np.nan, np.float32), stats)
 
 
 def _within_range(answers: QueryAnswers, model) -> QueryAnswers:
