@@ -365,3 +365,27 @@ def test_cli_complete_readout_mdm_end_to_end(head_ckpt, tiny_ckpt, tmp_path, cap
         == 2
     )
     assert "no MDM head" in capsys.readouterr().err
+
+
+def test_eval_runs_the_mdm_readout_of_a_checkpoint(head_ckpt, tmp_path):
+    import json
+
+    from vlm_depth.data.folder import write_folder_sample
+    from vlm_depth.data.synthetic import generate_sample
+    from vlm_depth.eval.config import EvalConfig
+    from vlm_depth.eval.runner import run_eval
+
+    for i in range(2):
+        write_folder_sample(tmp_path / "data", generate_sample(i, 0, 48, 64))
+    cfg = EvalConfig(
+        dataset=f"folder:{tmp_path / 'data'}",
+        protocol="uniform:50",
+        model=str(head_ckpt),
+        readout="mdm",
+        out=str(tmp_path / "eval"),
+        panels=0,
+    )
+    run_eval(cfg)
+    (cell,) = (tmp_path / "eval").glob("*/*/*/metrics.json")
+    metrics = json.loads(cell.read_text())
+    assert metrics["readout"] == "mdm" and metrics["n_images"] == 2 and np.isfinite(metrics["mae"])
