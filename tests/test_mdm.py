@@ -142,7 +142,7 @@ def test_mdm_masking_and_textualizer_share_patch_decisions(processor):
     depth[:, 42:] = np.where(np.random.default_rng(5).random((56, 42)) < 0.9, 3.0, 0.0)  # denser right half
     depth[:28, :28] = 7.0  # two fully valid patches ... and an empty block
     depth[28:, :28] = 0.0
-    spec = MDMSpec(label_source="sparse")
+    spec = MDMSpec()
     for seed in range(5):
         # The textualizer path (what the training collator does for the text loss).
         text_rng = np.random.default_rng(seed)
@@ -156,7 +156,7 @@ def test_mdm_masking_and_textualizer_share_patch_decisions(processor):
         )
         inputs = processor(rgb=rgb, depth=mdm_shown)
         state_after_split = mdm_rng.bit_generator.state
-        fields = mdm_fields(depth, mdm_shown, None, inputs, mdm_rng, processor.image_processor, spec)
+        fields = mdm_fields(depth, mdm_shown, None, "sparse", inputs, mdm_rng, processor.image_processor, spec)
         np.testing.assert_array_equal(mdm_shown, shown)
 
         # Patch decisions: the shared functions on the depth the branch sees (56 x 84 is the processor's grid).

@@ -51,12 +51,40 @@ SI_SCALES = (1, 2, 4, 8)
 
 @dataclass(frozen=True)
 class MDMSpec:
-    """How one image's MDM inputs and labels are made (see the module docstring)."""
+    """LingBot-Depth's masking policy of one image (`vlm_depth.prompts.masks.mdm_patch_mask`)."""
 
-    label_source: Literal["sparse", "gt"] = "sparse"
     mixed_keep_prob: float = 0.5
     ratio_range: tuple[float, float] = (0.6, 0.9)
     mask_all: bool = False
+
+
+def mdm_spec(cfg) -> MDMSpec | None:
+    """The masking spec of a training config (`mdm_mode`, `mdm_loss`, `mdm_mixed_keep_prob`, `mdm_ratio_low`,
+    `mdm_ratio_high`), None when `mdm_mode` is off; ConfigError on a bad value."""
+    if cfg.mdm_mode not in MDM_MODES:
+        raise ConfigError(f"train: mdm_mode must be one of {MDM_MODES}, got {cfg.mdm_mode!r}")
+    if cfg.mdm_loss not in MDM_LOSSES:
+        raise ConfigError(f"train: mdm_loss must be one of {MDM_LOSSES}, got {cfg.mdm_loss!r}")
+    if cfg.mdm_mode == "off":
+        return None
+    if not 0 <= cfg.mdm_ratio_low <= cfg.mdm_ratio_high <= 1 or not 0 <= cfg.mdm_mixed_keep_prob <= 1:
+        raise ConfigError("train: need 0 <= mdm_ratio_low <= mdm_ratio_high <= 1 and mdm_mixed_keep_prob in [0, 1]")
+    if cfg.mdm_weight <= 0:
+        raise ConfigError(f"train: mdm_weight must be > 0 with mdm_mode {cfg.mdm_mode}, got {cfg.mdm_weight}")
+    return MDMSpec(cfg.mdm_mixed_keep_prob, (cfg.mdm_ratio_low, cfg.mdm_ratio_high))
+
+
+def prepare_mdm_model(model, cfg) -> None:
+    """Make a DepthVLM ready for `cfg.mdm_mode`: attach a fresh MDM head (from the config's `mdm_*` head fields) if
+    the model has none; `head_only` freezes every other weight (the VLM, LoRA adapters and the depth branch), so
+    the head is a probe of the visual tokens the checkpoint already has."""
+    if cfg.mdm_mode == "off":
+        return
+    if model.depth_branch.mdm_head is None:
+        model.attach_mdm_head(cfg)
+    if cfg.mdm_mode == "head_only":
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith("depth_branch.mdm_head."))
 
 
 def mdm_labels(
@@ -109,6 +137,7 @@ def mdm_fields(
     depth: np.ndarray,
     shown: np.ndarray,
     gt: np.ndarray | None,
+    label_source: Literal["sparse", "gt"],
     inputs,
     rng: np.random.Generator,
     image_processor,
@@ -116,8 +145,8 @@ def mdm_fields(
 ) -> dict[str, torch.Tensor]:
     """The MDM keys of one training example: `mdm_labels` (N, p * p) and `mdm_patch_mask` (N,) bool, rows aligned
     with `inputs["pixel_values"]` (the processor's output for the image with depth `shown`, the textualizer's
-    `shown_depth` of the sparse input `depth`)."""
-    labels = label_rows(mdm_labels(depth, shown, gt, spec.label_source), image_processor)
+    `shown_depth` of the sparse input `depth`); labels per `label_source` (see `mdm_labels`)."""
+    labels = label_rows(mdm_labels(depth, shown, gt, label_source), image_processor)
     if labels.shape[0] != inputs["depth_values"].shape[0]:
         raise DataError(
             f"MDM labels of shape {depth.shape} do not fit the image's patch grid; give them at the RGB's size"
