@@ -41,6 +41,11 @@ class TrainConfig(DepthBranchConfig):
         "Comma-separated module names that get LoRA adapters (language model).",
         default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
     )
+    max_pixels: int = _help(
+        "Image pixel budget of the processor (28*28 per visual token; smart_resize keeps the aspect ratio); saved "
+        "with the checkpoint. 0 = the checkpoint's own setting.",
+        default=0,
+    )
     train_vision: bool = _help(
         "Train the vision tower and merger too: LoRA adapters on them (lora/qlora) or their full weights (full). "
         "Off: frozen, as in the paper.",
@@ -49,12 +54,13 @@ class TrainConfig(DepthBranchConfig):
 
     # --- data ---
     dataset: str = _help(
-        "Training images, a reader spec `KIND:PATH` (vlm_depth.data.load): e.g. `synthetic:64?height=96&width=128"
-        "&seed=0` (generated on the fly, deterministic by seed and index), `folder:data/train`, `hypersim:/data/hs`.",
+        "Training images: one or more reader specs `KIND:PATH` (vlm_depth.data.load) joined by commas, e.g. "
+        "`synthetic:64?height=96&width=128&seed=0` (generated on the fly, deterministic by seed and index), "
+        "`folder:data/train`, `hypersim:/data/hypersim,vkitti2:/data/vkitti2`.",
         default="synthetic:64?seed=0",
     )
     split: str = _help("Split passed to the reader (empty: the reader's default).", default="")
-    num_images: int = _help("Use only the first N images of `dataset` (0 = all).", default=0)
+    num_images: int = _help("Use a random subset of N images of `dataset`, fixed by `seed` (0 = all).", default=0)
     cache_images: bool = _help(
         "Keep read/generated images in memory (small or slow-to-generate datasets, e.g. synthetic).", default=False
     )

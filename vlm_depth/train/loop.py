@@ -91,6 +91,8 @@ def make_accelerator(cfg: TrainConfig):
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     trackers = None if cfg.report_to == "none" else cfg.report_to
     return Accelerator(
+        # Without CUDA this is a CPU run; under torchrun / `accelerate launch --multi_gpu` it is then DDP over gloo.
+        cpu=not torch.cuda.is_available(),
         mixed_precision=precision,
         log_with=trackers,
         project_config=ProjectConfiguration(project_dir=cfg.out, logging_dir=str(Path(cfg.out) / "trackers")),
@@ -100,21 +102,22 @@ def make_accelerator(cfg: TrainConfig):
     )
 
 
-def base_checkpoint(cfg: TrainConfig, accelerator) -> str:
-    """`cfg.model`, or for `tiny` the offline tiny checkpoint built once into OUT/tiny-base."""
+def base_checkpoint(cfg: TrainConfig, accelerator=None) -> str:
+    """`cfg.model`, or for `tiny` the offline tiny checkpoint built once into OUT/tiny-base (by the main process)."""
     if cfg.model != "tiny":
         return cfg.model
     from vlm_depth.config import TinyConfig
     from vlm_depth.model.tiny import build_tiny_checkpoint
 
     folder = Path(cfg.out) / "tiny-base"
-    with accelerator.main_process_first():
-        if accelerator.is_main_process and not (folder / "config.json").is_file():
+    main = accelerator is None or accelerator.is_main_process
+    with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
+        if main and not (folder / "config.json").is_file():
             build_tiny_checkpoint(TinyConfig(out=str(folder), seed=cfg.seed))
     return str(folder)
 
 
-def load_model(cfg: TrainConfig, accelerator):
+def load_model(cfg: TrainConfig, accelerator=None):
     """DepthVLM + DepthProcessor with the trainable parameters of `cfg.finetune` switched on."""
     from vlm_depth.model.branch_config import DepthBranchConfig
     from vlm_depth.model.depth_vlm import DepthVLM
@@ -137,6 +140,8 @@ def load_model(cfg: TrainConfig, accelerator):
         dtype=dtype,
     )
     processor = DepthProcessor.from_pretrained(path, template=model.depth_cfg.template)
+    if cfg.max_pixels:
+        set_max_pixels(processor, cfg.max_pixels)
     if model.depth_cfg.query_mode == "pointer":
         add_pointer_token(model, processor.tokenizer)
     has_adapter = getattr(model, "_hf_peft_config_loaded", False)
@@ -188,21 +193,31 @@ def make_optimizer(cfg: TrainConfig, model, max_steps: int):
     return optimizer, scheduler
 
 
-def open_images(spec: str, split: str, limit: int):
-    """Dataset `spec` (`KIND:PATH`, e.g. `synthetic:64?height=96&width=128`), first `limit` images (0 = all)."""
+def open_images(spec: str, split: str, limit: int, seed: int):
+    """Images of the comma-separated reader specs `spec` (e.g. `synthetic:64?height=96&width=128`), concatenated;
+    a random subset of `limit` of them fixed by `seed` (0 = all)."""
     from vlm_depth.data import load
 
-    images = load(spec, split=split or None)
+    parts = [load(s.strip(), split=split or None) for s in spec.split(",") if s.strip()]
+    if not parts:
+        raise ConfigError(f"no dataset in {spec!r}")
+    images = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
     if limit and limit < len(images):
-        images = torch.utils.data.Subset(images, range(limit))
+        chosen = np.sort(np.random.default_rng([seed, 7]).choice(len(images), limit, replace=False))
+        images = torch.utils.data.Subset(images, chosen.tolist())
     return images
+
+
+def set_max_pixels(processor, max_pixels: int) -> None:
+    """Set the image processor's pixel budget (28*28 per visual token); it is saved with the processor."""
+    processor.image_processor.size["longest_edge"] = max_pixels
 
 
 def build_val_batches(cfg: TrainConfig, processor, layout) -> list[Batch]:
     """One packed batch per held-out image (fill queries only), built once with a fixed seed."""
     if not cfg.val_dataset:
         return []
-    images = open_images(cfg.val_dataset, cfg.val_split, cfg.num_val_images)
+    images = open_images(cfg.val_dataset, cfg.val_split, cfg.num_val_images, cfg.seed)
     spec = QuerySpec(cfg.val_label_source, cfg.val_queries, 0.0, cfg.holdout_ratio, "uniform", cfg.protocol)
     builder = ExampleBuilder(processor, layout, spec)
     pad = processor.tokenizer.pad_token_id
@@ -238,7 +253,7 @@ def setup(cfg: TrainConfig) -> Run:
     )
     layout = ChatLayout(processor.tokenizer, textualizer)
     spec = QuerySpec(cfg.label_source, cfg.num_queries, cfg.keep_ratio, cfg.holdout_ratio, cfg.sampling, cfg.protocol)
-    images = open_images(cfg.dataset, cfg.split, cfg.num_images)
+    images = open_images(cfg.dataset, cfg.split, cfg.num_images, cfg.seed)
     stream = PackedQueryStream(images, ExampleBuilder(processor, layout, spec), cfg.seed, cfg.cache_images)
     max_steps = resolve_max_steps(cfg, len(images), accelerator.num_processes)
     optimizer, scheduler = make_optimizer(cfg, model, max_steps)
@@ -361,25 +376,27 @@ def train(run: Run) -> None:
     bar = tqdm(total=last, initial=run.start_step, disable=not acc.is_main_process, desc="train", unit="step")
     loader = iter(make_loader(run))
     run.packed.train()
-    for step in range(run.start_step + 1, last + 1):
-        tic = time.perf_counter()
-        micro = [to_device(next(loader), acc.device) for _ in range(cfg.grad_accum)]
-        row = train_step(run, micro, step)
-        row["queries_per_s"] = row["queries"] / (time.perf_counter() - tic)
-        run.history.append(row)
-        acc.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
-        if acc.is_main_process:
-            with log_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", mae=f"{row['mae']:.3f}", qps=f"{row['queries_per_s']:.1f}")
-            if step % cfg.log_every == 0:
-                logger.info("step %d: loss %.4f ce %.4f mae %.3f m", step, row["loss"], row["ce"], row["mae"])
-        if (cfg.save_every and step % cfg.save_every == 0) or step == last:
-            save_checkpoint(acc, cfg.out, step, cfg.keep_checkpoints)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != run.max_steps:
-            record_validation(run, step)
-    bar.close()
+    try:
+        for step in range(run.start_step + 1, last + 1):
+            tic = time.perf_counter()
+            micro = [to_device(next(loader), acc.device) for _ in range(cfg.grad_accum)]
+            row = train_step(run, micro, step)
+            row["queries_per_s"] = row["queries"] / (time.perf_counter() - tic)
+            run.history.append(row)
+            acc.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
+            if acc.is_main_process:
+                with log_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", mae=f"{row['mae']:.3f}", qps=f"{row['queries_per_s']:.1f}")
+                if step % cfg.log_every == 0:
+                    logger.info("step %d: loss %.4f ce %.4f mae %.3f m", step, row["loss"], row["ce"], row["mae"])
+            if (cfg.save_every and step % cfg.save_every == 0) or step == last:
+                save_checkpoint(acc, cfg.out, step, cfg.keep_checkpoints)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != run.max_steps:
+                record_validation(run, step)
+    finally:
+        bar.close()
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -424,27 +441,26 @@ def greedy_answers(model, layout, batch: Batch, max_new_tokens: int) -> list[str
     return texts
 
 
-def evaluate(run: Run) -> dict[str, float]:
-    """Validation on the held-out images: greedy numeric MAE/RMSE (meters) of free-form answers, the share of
-    parseable answers, and the teacher-forced CE and expectation MAE."""
+def validate(model, layout, batches: list[Batch], digit_ids: torch.Tensor, autocast=contextlib.nullcontext) -> dict:
+    """Validation on held-out packed batches (one image each): greedy numeric MAE/RMSE (meters) of free-form
+    answers, the share of parseable answers, and the teacher-forced CE and expectation MAE."""
     from vlm_depth.prompts.numbers import parse_meters
 
-    model = run.model
     was_training = model.training
     model.eval()
     errors, parsed, total, ce, tf_err, n_tok = [], 0, 0, 0.0, 0.0, 0
-    device = run.accelerator.device
+    device = digit_ids.device
     try:
-        for batch in run.val_batches:
+        for batch in batches:
             batch = to_device(batch, device)
-            with torch.no_grad(), run.accelerator.autocast():
+            with torch.no_grad(), autocast():
                 predict_mask, _ = supervised_positions(batch["labels"])
-                losses = answer_losses(packed_forward(model, batch, predict_mask), batch, run.digit_ids)
+                losses = answer_losses(packed_forward(model, batch, predict_mask), batch, digit_ids)
             ce += float(losses.ce_sum())
             n_tok += len(losses.token_ce)
             tf_err += float(losses.l1_sum())
             answer_len = int((batch["labels"] != -100).sum()) // max(len(batch["targets"]), 1)
-            for text, target in zip(greedy_answers(model, run.layout, batch, answer_len + 4), batch["targets"]):
+            for text, target in zip(greedy_answers(model, layout, batch, answer_len + 4), batch["targets"]):
                 total += 1
                 value = parse_meters(text).value
                 if value is not None:
@@ -468,7 +484,8 @@ def record_validation(run: Run, step: int) -> dict[str, float] | None:
     acc = run.accelerator
     row = None
     if acc.is_main_process and run.val_batches:
-        row = {"step": step, "split": "val", **evaluate(run)}
+        metrics = validate(run.model, run.layout, run.val_batches, run.digit_ids, run.accelerator.autocast)
+        row = {"step": step, "split": "val", **metrics}
         acc.log({f"val/{k}": v for k, v in row.items() if k not in ("step", "split")}, step=step)
         with (Path(run.cfg.out) / "log.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
