@@ -252,7 +252,8 @@ def run_synth(cfg: SynthConfig) -> dict[str, Any]:
         "elapsed_s": round(elapsed, 2),
         "s_per_frame": round(elapsed / cfg.num, 3),
         "workers": workers,
-        "missing_rate": {k: round(v, 4) for k, v in missing_rates(counts).items()},
+        # null for a material absent from every frame
+        "missing_rate": {k: (round(v, 4) if v == v else None) for k, v in missing_rates(counts).items()},
     }
     if cfg.preview:
         summary["preview"] = str(preview)

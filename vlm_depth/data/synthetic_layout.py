@@ -91,7 +91,7 @@ def make_material(rng: np.random.Generator, code: int) -> Material:
             texels_per_m=TEXTURE_SIZE / rng.uniform(0.3, 1.5),
             pattern_contrast=float(rng.uniform(0.05, 0.3)),
             reflectance=float(rng.uniform(0.45, 0.9)),
-            roughness=float(np.exp(rng.uniform(np.log(0.005), np.log(0.2)))),
+            roughness=float(np.exp(rng.uniform(np.log(0.01), np.log(0.3)))),
             shininess=float(rng.uniform(60, 400)),
             highlight=float(rng.uniform(1.0, 3.0)),
         )

@@ -593,10 +593,10 @@ def _glass_segments(scene: Scene, pixel, p, n, v, prim) -> list[Segment]:
     p_exit = o_in + t_exit[:, None] * inside
     n_exit, _ = surface_at(scene, p_exit, prim)
     out = _refract(inside, -n_exit, ior)
-    # A ray leaving by total internal reflection stays inside: approximate by letting it out undeviated.
+    # A totally internally reflected ray bounces on inside and leaves somewhere unrelated: what it would show is
+    # scrambled, so it contributes nothing here (the pixel keeps its Fresnel reflection).
     leaving = np.einsum("ij,ij->i", out, n_exit) > 0
-    out = np.where(leaving[:, None], out, inside)
-    transmission = (1 - fresnel) * 0.92
+    transmission = (1 - fresnel) * 0.92 * leaving
     refracted = _segment(scene, pixel, transmission, p_exit + _EPS * n_exit, out, scene.opaque)
     return [reflected, refracted]
 
