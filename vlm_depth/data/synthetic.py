@@ -30,15 +30,7 @@ from vlm_depth.config import SynthConfig, save_config
 from vlm_depth.data.dataset import RGBDDataset, register_reader
 from vlm_depth.data.sample import RGBDSample
 from vlm_depth.data.synthetic_layout import SCENE_KINDS, make_scene
-from vlm_depth.data.synthetic_scene import (
-    MATERIAL_NAMES,
-    SKY,
-    SPECULAR,
-    TEXTURELESS,
-    TRANSPARENT,
-    shade,
-    trace,
-)
+from vlm_depth.data.synthetic_scene import MATERIAL_NAMES, SKY, shade, trace
 from vlm_depth.data.synthetic_sensor import sample_rig, simulate_sensor
 from vlm_depth.errors import ConfigError
 
@@ -47,7 +39,6 @@ logger = logging.getLogger(__name__)
 # Ground truth beyond this distance (far road, horizon) is dropped: it would not fit a millimetre uint16 PNG and no
 # benchmark evaluates that far.
 MAX_GT_DEPTH = 60.0
-FAILURE_MATERIALS = (TEXTURELESS, SPECULAR, TRANSPARENT)
 
 
 def _check_size(height: int, width: int) -> None:

@@ -2,7 +2,7 @@
 
 World frame: meters, z up, the floor / road at z = 0. Cameras follow OpenCV (x right, y down, z forward); a pixel
 (i, j) has its centre at (x, y) = (j, i) and its ray direction is ((j - cx) / fx, (i - cy) / fy, 1) rotated into the
-world, so the ray parameter of a hit *is* the planar depth. Everything is NumPy float64 until images are written.
+world, so the ray parameter of a hit *is* the planar depth. Geometry is NumPy float64 throughout.
 
 Light transport is one bounce deep: a pixel sees its first surface (diffuse + highlight), plus a mirror reflection
 on specular surfaces, plus a Fresnel reflection and a refracted view through solid glass (entry and exit refraction)
