@@ -9,7 +9,9 @@ Row tensors (per token): `input_ids`; `segment_ids` (`PREFIX` = 0, block k >= 1,
 `vlm_depth.model.packing`); `labels` (-100 except answer tokens: answer prefix words, number, suffix, end of turn;
 unshifted, Hugging Face convention: token t + 1 is predicted at position t); `places` (place value of each number
 digit, 0 elsewhere) and `query_ids` (index of the token's query in the batch, -1 outside blocks). Per query:
-`targets` (label in meters as written, i.e. rounded to the template's decimals) and `is_fill`.
+`targets` (label in meters as written, i.e. rounded to the template's decimals) and `is_fill`. With an MDM spec,
+image rows (aligned with `pixel_values`) `mdm_labels` and `mdm_patch_mask` (`vlm_depth.train.mdm.mdm_fields`: the
+same split, the same depth map and the same rng as the queries).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from vlm_depth.prompts.chat import ChatLayout
 from vlm_depth.prompts.numbers import format_meters
 from vlm_depth.prompts.textualize import Query, select_queries
 from vlm_depth.train.losses import IGNORE_INDEX, digit_places
+from vlm_depth.train.mdm import MDMSpec, mdm_fields
 
 Batch = dict[str, torch.Tensor]
 
@@ -42,6 +45,7 @@ class QuerySpec:
     holdout_ratio: float = 0.1
     sampling: Literal["uniform", "depth_stratified", "distance"] = "uniform"
     protocol: str = "sensor"
+    mdm: MDMSpec | None = None  # MDM masking policy; None = no MDM fields
 
 
 def sparse_input(sample: RGBDSample, protocol: str, seed: int) -> np.ndarray:
@@ -91,7 +95,11 @@ class ExampleBuilder:
             sampling=spec.sampling,
             rng=rng,
         )
-        return self.pack(sample.rgb, shown, queries)
+        example = self.pack(sample.rgb, shown, queries)
+        if spec.mdm is not None:
+            ip = self.processor.image_processor
+            example |= mdm_fields(depth, shown, gt, spec.label_source, example, rng, ip, spec.mdm)
+        return example
 
     def pack(self, rgb: np.ndarray, shown_depth: np.ndarray, queries: Sequence[Query]) -> Batch:
         """Packed row of the image `rgb` (H, W, 3) uint8 with depth input `shown_depth` (H, W) meters and labelled
@@ -155,6 +163,9 @@ def collate_packed(examples: Sequence[Batch], pad_token_id: int) -> Batch:
         offset += len(example["targets"])
     for key in ("pixel_values", "image_grid_thw", "depth_values", "pointer_xy", "targets", "is_fill"):
         batch[key] = torch.cat([e[key] for e in examples])
+    for key in ("mdm_labels", "mdm_patch_mask"):
+        if key in examples[0]:
+            batch[key] = torch.cat([e[key] for e in examples])
     batch["pointer_image_index"] = torch.cat(
         [torch.full((len(e["pointer_xy"]),), i, dtype=torch.long) for i, e in enumerate(examples)]
     )

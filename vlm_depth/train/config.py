@@ -120,6 +120,21 @@ class TrainConfig(DepthBranchConfig):
         "digit distributions (0 = CE only, the paper's loss).",
         default=0.0,
     )
+    mdm_mode: Literal["off", "head_only", "joint"] = _help(
+        "MDM head (vlm_depth.train.mdm): off = text loss only; head_only = the head alone on the frozen model (VLM, "
+        "LoRA and depth branch: a probe of its visual tokens); joint = text loss + mdm_weight x MDM loss. A head "
+        "(mdm_* head keys) is attached when the model has none.",
+        default="off",
+    )
+    mdm_weight: float = _help("Weight of the MDM loss (joint: relative to the text loss).", default=1.0)
+    mdm_loss: Literal["l1", "balanced_si"] = _help(
+        "MDM loss: l1 on labelled pixels (LingBot-Depth) or balanced_si (Vanishing Depth's balanced scale-invariant "
+        "multi-scale loss). Labels: held-out points (label_source sparse) or ground truth (gt).",
+        default="l1",
+    )
+    mdm_mixed_keep_prob: float = _help("MDM masking: probability of keeping a partly valid 14-px patch.", default=0.5)
+    mdm_ratio_low: float = _help("MDM masking: lowest share of patches masked per image.", default=0.6)
+    mdm_ratio_high: float = _help("MDM masking: highest share of patches masked per image.", default=0.9)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _help(
         "auto: bf16 on a CUDA GPU, fp32 on CPU.", default="auto"
     )
@@ -156,6 +171,9 @@ class TrainConfig(DepthBranchConfig):
             raise ConfigError("train: keep_ratio must be in [0, 1] and holdout_ratio in (0, 1)")
         if self.finetune == "qlora" and self.train_vision:
             raise ConfigError("train: qlora quantises the language model only; train_vision needs lora or full")
+        from vlm_depth.train.mdm import mdm_spec
+
+        mdm_spec(self)  # validates the mdm_* keys
 
     def branch_config(self) -> DepthBranchConfig:
         """The depth-branch part of this config (for a fresh branch)."""

@@ -41,6 +41,16 @@ from vlm_depth.train.checkpoint import (
 from vlm_depth.train.collator import Batch, ExampleBuilder, QuerySpec, collate_packed
 from vlm_depth.train.config import TrainConfig
 from vlm_depth.train.losses import AnswerLosses, answer_losses, supervised_positions
+from vlm_depth.train.mdm import (
+    MDM_SUMS,
+    batch_mdm_loss,
+    mdm_log_row,
+    mdm_loss_weight,
+    mdm_predictions,
+    mdm_spec,
+    prepare_mdm_model,
+    validate_mdm,
+)
 from vlm_depth.train.packed import packed_forward
 
 logger = logging.getLogger(__name__)
@@ -51,14 +61,19 @@ class TrainingDiverged(VlmDepthError):
 
 
 class PackedModel(torch.nn.Module):
-    """The module accelerate prepares (and DDP wraps): its forward is the whole packed computation."""
+    """The module accelerate prepares (and DDP wraps): its forward is the whole computation of a micro-batch (one
+    forward per backward, as DDP needs): the packed query logits, and with `mdm_mode` head_only / joint the MDM
+    head's depth maps (head_only: those only). Returns (logits or None, MDM depth maps or None)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, mdm_mode: str = "off") -> None:
         super().__init__()
         self.model = model
+        self.mdm_mode = mdm_mode
 
-    def forward(self, batch: Batch, logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
-        return packed_forward(self.model, batch, logits_to_keep)
+    def forward(self, batch: Batch, logits_to_keep: int | torch.Tensor = 0):
+        logits = None if self.mdm_mode == "head_only" else packed_forward(self.model, batch, logits_to_keep)
+        mdm_depth = None if self.mdm_mode == "off" else mdm_predictions(self.model, batch)
+        return logits, mdm_depth
 
 
 @dataclass
@@ -162,6 +177,7 @@ def load_model(cfg: TrainConfig, accelerator=None):
             target_modules=[t.strip() for t in cfg.lora_targets.split(",") if t.strip()],
             vision=cfg.train_vision,
         )
+    prepare_mdm_model(model, cfg)
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
@@ -218,7 +234,9 @@ def build_val_batches(cfg: TrainConfig, processor, layout) -> list[Batch]:
     if not cfg.val_dataset:
         return []
     images = open_images(cfg.val_dataset, cfg.val_split, cfg.num_val_images, cfg.seed)
-    spec = QuerySpec(cfg.val_label_source, cfg.val_queries, 0.0, cfg.holdout_ratio, "uniform", cfg.protocol)
+    spec = QuerySpec(
+        cfg.val_label_source, cfg.val_queries, 0.0, cfg.holdout_ratio, "uniform", cfg.protocol, mdm_spec(cfg)
+    )
     builder = ExampleBuilder(processor, layout, spec)
     pad = processor.tokenizer.pad_token_id
     return [
@@ -252,13 +270,15 @@ def setup(cfg: TrainConfig) -> Run:
         PromptTemplate.load(depth_cfg.template), depth_cfg.query_mode, depth_cfg.decimals, depth_cfg.pointer_token
     )
     layout = ChatLayout(processor.tokenizer, textualizer)
-    spec = QuerySpec(cfg.label_source, cfg.num_queries, cfg.keep_ratio, cfg.holdout_ratio, cfg.sampling, cfg.protocol)
+    spec = QuerySpec(
+        cfg.label_source, cfg.num_queries, cfg.keep_ratio, cfg.holdout_ratio, cfg.sampling, cfg.protocol, mdm_spec(cfg)
+    )
     images = open_images(cfg.dataset, cfg.split, cfg.num_images, cfg.seed)
     stream = PackedQueryStream(images, ExampleBuilder(processor, layout, spec), cfg.seed, cfg.cache_images)
     max_steps = resolve_max_steps(cfg, len(images), accelerator.num_processes)
     optimizer, scheduler = make_optimizer(cfg, model, max_steps)
     register_weight_hooks(accelerator, model)
-    packed, optimizer, scheduler = accelerator.prepare(PackedModel(model), optimizer, scheduler)
+    packed, optimizer, scheduler = accelerator.prepare(PackedModel(model, cfg.mdm_mode), optimizer, scheduler)
     run = Run(
         cfg=cfg,
         accelerator=accelerator,
@@ -308,35 +328,56 @@ def to_device(batch: Batch, device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def batch_losses(run: Run, batch: Batch) -> AnswerLosses:
-    """Forward of one micro-batch through the prepared model; losses at the supervised positions."""
+def batch_losses(run: Run, batch: Batch) -> tuple[AnswerLosses | None, dict[str, torch.Tensor] | None]:
+    """Forward of one micro-batch through the prepared model: losses at the supervised positions (None in MDM
+    head_only mode) and the MDM loss sums (None with mdm_mode off)."""
     predict_mask, _ = supervised_positions(batch["labels"])
     with run.accelerator.autocast():
-        logits = run.packed(batch, logits_to_keep=predict_mask)
-    return answer_losses(logits, batch, run.digit_ids)
+        logits, mdm_depth = run.packed(batch, logits_to_keep=predict_mask)
+    answers = None if logits is None else answer_losses(logits, batch, run.digit_ids)
+    if mdm_depth is None:
+        return answers, None
+    return answers, batch_mdm_loss(mdm_depth, batch, run.processor.image_processor, run.cfg.mdm_loss)
 
 
 def train_step(run: Run, micro_batches: list[Batch], step: int) -> dict[str, float]:
     """One optimiser step over `micro_batches` (this process's share of the global batch); returns its log row."""
     acc, cfg = run.accelerator, run.cfg
+    mdm = cfg.mdm_mode != "off"
+    image_processor = run.processor.image_processor
     local = torch.tensor(
-        [sum(int((b["labels"] != -100).sum()) for b in micro_batches), sum(len(b["targets"]) for b in micro_batches)],
+        [
+            sum(int((b["labels"] != -100).sum()) for b in micro_batches),
+            sum(len(b["targets"]) for b in micro_batches),
+            sum(mdm_loss_weight(b, image_processor, cfg.mdm_loss) for b in micro_batches) if mdm else 0,
+        ],
         dtype=torch.float64,
         device=acc.device,
     )
-    n_tokens, n_queries = (max(float(x), 1.0) for x in acc.reduce(local, reduction="sum"))
-    sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # ce, l1, fill-query l1
+    n_tokens, n_queries, n_mdm = (max(float(x), 1.0) for x in acc.reduce(local, reduction="sum"))
+    # ce, l1, fill-query l1, then the MDM sums (MDM_SUMS); text terms are 0 in MDM head_only mode
+    sums = torch.zeros(3 + len(MDM_SUMS), dtype=torch.float64, device=acc.device)
+    zero = torch.zeros((), device=acc.device)
     for i, batch in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
         with contextlib.nullcontext() if sync else acc.no_sync(run.packed):
-            losses = batch_losses(run, batch)
-            loss = losses.ce_sum() / n_tokens + cfg.numeric_loss_weight * losses.l1_sum() / n_queries
+            losses, mdm_sums = batch_losses(run, batch)
+            loss = zero
+            if losses is not None:
+                loss = loss + losses.ce_sum() / n_tokens + cfg.numeric_loss_weight * losses.l1_sum() / n_queries
+            if mdm_sums is not None:
+                loss = loss + cfg.mdm_weight * mdm_sums["loss_sum"] / n_mdm
             acc.backward(loss * acc.num_processes)
-        fill_err = (losses.expected - losses.targets).abs()[batch["is_fill"]].sum()
-        sums += torch.stack([losses.ce_sum(), losses.l1_sum(), fill_err]).detach().double()
+        text = [zero] * 3
+        if losses is not None:
+            fill_err = (losses.expected - losses.targets).abs()[batch["is_fill"]].sum()
+            text = [losses.ce_sum(), losses.l1_sum(), fill_err]
+        extra = [zero] * len(MDM_SUMS) if mdm_sums is None else [mdm_sums[k] for k in MDM_SUMS]
+        sums += torch.stack([t.to(zero) for t in [*text, *extra]]).detach().double()
     sums = acc.reduce(sums, reduction="sum")
     ce, mae = float(sums[0]) / n_tokens, float(sums[1]) / n_queries
-    loss = ce + cfg.numeric_loss_weight * mae
+    mdm_row = mdm_log_row(sums[3:].tolist(), n_mdm) if mdm else {}
+    loss = ce + cfg.numeric_loss_weight * mae + cfg.mdm_weight * mdm_row.get("mdm_loss", 0.0)
     if not math.isfinite(loss):
         raise TrainingDiverged(
             f"non-finite loss at step {step} (ce={ce}, numeric L1={mae}); stopped before applying it. The last "
@@ -359,6 +400,7 @@ def train_step(run: Run, micro_batches: list[Batch], step: int) -> dict[str, flo
         "fill_mae": float(sums[2]) / max(int(n_fill), 1),
         "grad_norm": grad_norm,
         "queries": n_queries,
+        **mdm_row,
         **lrs,
     }
 
@@ -484,7 +526,11 @@ def record_validation(run: Run, step: int) -> dict[str, float] | None:
     acc = run.accelerator
     row = None
     if acc.is_main_process and run.val_batches:
-        metrics = validate(run.model, run.layout, run.val_batches, run.digit_ids, run.accelerator.autocast)
+        mode, metrics = run.cfg.mdm_mode, {}
+        if mode != "head_only":
+            metrics = validate(run.model, run.layout, run.val_batches, run.digit_ids, run.accelerator.autocast)
+        if mode != "off":
+            metrics |= validate_mdm(run.model, run.val_batches, run.processor.image_processor, run.cfg.mdm_loss)
         row = {"step": step, "split": "val", **metrics}
         acc.log({f"val/{k}": v for k, v in row.items() if k not in ("step", "split")}, step=step)
         with (Path(run.cfg.out) / "log.jsonl").open("a") as f:
@@ -521,10 +567,13 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         "loss_last": _mean(tail, "loss"),
         "mae_first": _mean(head, "mae"),
         "mae_last": _mean(tail, "mae"),
+        "mdm_loss_first": _mean(head, "mdm_loss"),
+        "mdm_loss_last": _mean(tail, "mdm_loss"),
         "validation": val,
         "seconds": round(time.perf_counter() - tic, 1),
     }
 
 
 def _mean(rows: list[dict[str, float]], key: str) -> float | None:
-    return float(np.mean([r[key] for r in rows])) if rows else None
+    """Mean of `key` over `rows`; None without rows or when the rows do not log it (e.g. MDM terms with mdm off)."""
+    return float(np.mean([r[key] for r in rows])) if rows and key in rows[0] else None

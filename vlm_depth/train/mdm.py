@@ -44,6 +44,7 @@ from vlm_depth.model.align import patchify, processor_grid, resize_depth, unpatc
 from vlm_depth.prompts.masks import mdm_patch_mask, patch_states, valid_mask
 
 MDM_MODES = ("off", "head_only", "joint")
+MDM_SUMS = ("loss_sum", "l1_masked_sum", "n_masked", "l1_visible_sum", "n_visible")  # what a trainer logs
 MDM_LOSSES = ("l1", "balanced_si")
 SI_LAMBDA = 0.5
 SI_SCALES = (1, 2, 4, 8)
@@ -225,14 +226,59 @@ def mdm_loss(
     return out
 
 
-def mdm_forward_loss(
-    model, batch: dict[str, torch.Tensor], image_processor, kind: str = "l1"
-) -> dict[str, torch.Tensor]:
-    """The MDM head's loss on a batch with `pixel_values`, `image_grid_thw`, `depth_values` and the `mdm_fields`
-    keys: the head reads the vision tower's tokens computed with the batch's patch mask applied (see `mdm_loss`)."""
-    preds = model.mdm_depth(
+def mdm_predictions(model, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The MDM head's (H', W') depth maps (meters, processor's grid) for a batch with `pixel_values`,
+    `image_grid_thw`, `depth_values` and `mdm_patch_mask` (the batch's masked patches are hidden from the branch)."""
+    return model.mdm_depth(
         batch["pixel_values"], batch["image_grid_thw"], batch["depth_values"], patch_mask=batch["mdm_patch_mask"]
     )
+
+
+def batch_mdm_loss(
+    preds: Sequence[torch.Tensor], batch: dict[str, torch.Tensor], image_processor, kind: str = "l1"
+) -> dict[str, torch.Tensor]:
+    """`mdm_loss` of `mdm_predictions` against the batch's `mdm_labels` and `mdm_patch_mask`."""
     return mdm_loss(
         preds, batch["mdm_labels"], batch["mdm_patch_mask"], batch["image_grid_thw"], image_processor, kind
     )
+
+
+def mdm_log_row(sums: Sequence[float], loss_weight: float) -> dict[str, float]:
+    """Log entries from the `MDM_SUMS` of a step (summed over the global batch) and its global loss weight: the
+    loss, and the L1 in meters over labelled pixels of masked and of visible patches."""
+    values = dict(zip(MDM_SUMS, sums))
+    return {
+        "mdm_loss": values["loss_sum"] / max(loss_weight, 1.0),
+        "mdm_l1_masked": values["l1_masked_sum"] / max(values["n_masked"], 1.0),
+        "mdm_l1_visible": values["l1_visible_sum"] / max(values["n_visible"], 1.0),
+    }
+
+
+def mdm_loss_weight(batch: dict[str, torch.Tensor], image_processor, kind: str = "l1") -> int:
+    """The `loss_weight` that `batch_mdm_loss` will return, from the labels alone (a trainer normalises by its
+    global sum before the forward): labelled pixels (`l1`) or images with a label (`balanced_si`)."""
+    labelled = valid_mask(batch["mdm_labels"])
+    if kind == "l1":
+        return int(labelled.sum())
+    counts = [int(h * w) for _, h, w in batch["image_grid_thw"].tolist()]
+    return sum(int(rows.any()) for rows in labelled.split(counts))
+
+
+@torch.no_grad()
+def validate_mdm(model, batches: Sequence[dict[str, torch.Tensor]], image_processor, kind: str = "l1") -> dict:
+    """MDM validation on held-out batches (made with fixed masks): the loss and the L1 in meters over labelled
+    pixels of masked and of visible patches."""
+    was_training = model.training
+    model.eval()
+    sums = dict.fromkeys(MDM_SUMS, 0.0)
+    weight = 0.0
+    try:
+        for batch in batches:
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            out = batch_mdm_loss(mdm_predictions(model, batch), batch, image_processor, kind)
+            weight += float(out["loss_weight"])
+            for key in MDM_SUMS:
+                sums[key] += float(out[key])
+    finally:
+        model.train(was_training)
+    return {f"val_{k}": v for k, v in mdm_log_row(list(sums.values()), weight).items()}
