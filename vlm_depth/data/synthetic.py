@@ -92,12 +92,27 @@ def iter_samples(
 ) -> Iterator[RGBDSample]:
     """Frames start .. start + num - 1 of the stream `seed` in order (see `generate_sample`).
 
-    workers > 1 generates them in that many processes; the frames are the same whatever the number of workers.
+    workers > 1 generates them in that many processes (forkserver: a script must guard its entry point with
+    `if __name__ == "__main__":`); the frames are the same whatever the number of workers.
     """
+    for sample, _ in _timed_frames(num, seed, height, width, scene, start, workers):
+        yield sample
+
+
+def _timed_generate(index: int, seed: int, height: int, width: int, scene: str) -> tuple[RGBDSample, float]:
+    """`generate_sample` plus the CPU seconds it took in its process (all threads)."""
+    cpu = time.process_time()
+    sample = generate_sample(index, seed, height, width, scene)
+    return sample, time.process_time() - cpu
+
+
+def _timed_frames(
+    num: int, seed: int, height: int, width: int, scene: str, start: int, workers: int
+) -> Iterator[tuple[RGBDSample, float]]:
     indices = range(start, start + num)
     if workers <= 1 or num <= 1:
         for index in indices:
-            yield generate_sample(index, seed, height, width, scene)
+            yield _timed_generate(index, seed, height, width, scene)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -106,7 +121,7 @@ def iter_samples(
     context = multiprocessing.get_context("forkserver")
     with ProcessPoolExecutor(min(workers, num), mp_context=context) as pool:
         n = len(indices)
-        yield from pool.map(generate_sample, indices, [seed] * n, [height] * n, [width] * n, [scene] * n)
+        yield from pool.map(_timed_generate, indices, [seed] * n, [height] * n, [width] * n, [scene] * n)
 
 
 def missing_counts(sample: RGBDSample) -> dict[str, tuple[int, int]]:
@@ -227,11 +242,12 @@ def run_synth(cfg: SynthConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     save_config(out, cfg)
     start = time.perf_counter()
-    counts = []
-    frames = iter_samples(cfg.num, cfg.seed, cfg.height, cfg.width, cfg.scene, workers=workers)
-    for index, sample in enumerate(tqdm(frames, total=cfg.num, desc="synth")):
+    counts, cpu_s = [], 0.0
+    frames = _timed_frames(cfg.num, cfg.seed, cfg.height, cfg.width, cfg.scene, 0, workers)
+    for index, (sample, cpu) in enumerate(tqdm(frames, total=cfg.num, desc="synth")):
         write_folder_sample(out, sample)
         counts.append(missing_counts(sample))
+        cpu_s += cpu
         if cfg.preview and index == 0:
             preview = write_rgb(out / "preview.png", render_preview(sample))
     elapsed = time.perf_counter() - start
@@ -243,6 +259,8 @@ def run_synth(cfg: SynthConfig) -> dict[str, Any]:
         "elapsed_s": round(elapsed, 2),
         "s_per_frame": round(elapsed / cfg.num, 3),
         "workers": workers,
+        # CPU time of the generation (all processes and threads): elapsed time on idle cores, whatever the load
+        "generation_cpu_s": round(cpu_s, 2),
         # null for a material absent from every frame
         "missing_rate": {k: (round(v, 4) if v == v else None) for k, v in missing_rates(counts).items()},
     }
