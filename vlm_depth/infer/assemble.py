@@ -1,8 +1,9 @@
 """Dense assembly: which pixels to query, and a dense depth map from the answers and the kept input pixels.
 
-1. Queries: a regular grid (a stride, or the stride that fits a query budget), cell centres; optionally a second
-   round of extra queries on the half-stride lattice where image edges or the first round's uncertainty are
-   highest (`refinement_pixels`).
+1. Queries: one per stride x stride cell (a stride, or the one that fits a query budget) that has missing input,
+   at the missing pixel nearest the cell centre (`cell_pixels`), so every hole larger than a few pixels gets an
+   answer inside it; optionally a second round on half-stride cells where image edges or the first round's
+   uncertainty are highest (`refinement_pixels`).
 2. Fill: anchors (answers at queried pixels, and the valid input pixels) are spread over the image by a
    normalised-convolution pyramid (`push_pull`, smooth, no edges), then an anchor-weighted guided filter with the
    RGB image as guide (`guided_fill`, He et al., TPAMI 2013) refits the depth locally as a linear function of colour,
@@ -45,6 +46,28 @@ def query_grid(shape: tuple[int, int], stride: int) -> tuple[np.ndarray, np.ndar
     return yy.ravel(), xx.ravel()
 
 
+def cell_pixels(candidates: np.ndarray, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """One pixel (rows, cols) per stride x stride cell holding any `candidates` (H, W) bool pixel: the candidate
+    nearest to the cell's grid point (`query_grid`), ties to the first in raster order. With every pixel a
+    candidate this is `query_grid`; with candidates = missing input, every cell with a hole gets one query inside
+    the hole."""
+    if stride < 1:
+        raise ConfigError(f"the query stride must be >= 1, got {stride}")
+    rows, cols = np.nonzero(candidates)
+    if rows.size == 0:
+        return rows, cols
+    height, width = candidates.shape
+    cell_r, cell_c = rows // stride, cols // stride
+    centre_r = np.minimum(cell_r * stride + stride // 2, height - 1)
+    centre_c = np.minimum(cell_c * stride + stride // 2, width - 1)
+    distance = (rows - centre_r) ** 2 + (cols - centre_c) ** 2
+    cell = cell_r * ((width + stride - 1) // stride) + cell_c
+    order = np.lexsort((distance, cell))
+    _, first = np.unique(cell[order], return_index=True)
+    picked = order[first]
+    return rows[picked], cols[picked]
+
+
 def edge_strength(rgb: np.ndarray) -> np.ndarray:
     """(H, W) float32 in [0, 1]: Sobel gradient magnitude of the luminance of `rgb` (H, W, 3) uint8, blurred over
     3x3 so that a pixel next to an edge counts as on it."""
@@ -64,16 +87,14 @@ def refinement_pixels(
     count: int,
     by: str = "both",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Up to `count` extra query pixels (rows, cols) on the half-stride lattice, where `candidates` (H, W) bool
-    allows them, ranked by image edges (`edge_strength`), by relative uncertainty (`uncertainty / depth`, both
-    (H, W) meters) or by the sum of both (`by`: edges | uncertainty | both)."""
+    """Up to `count` extra query pixels (rows, cols), one per half-stride cell with `candidates` (H, W) bool,
+    ranked by image edges (`edge_strength`), by relative uncertainty (`uncertainty / depth`, both (H, W) meters) or
+    by the sum of both (`by`: edges | uncertainty | both)."""
     if by not in ("edges", "uncertainty", "both"):
         raise ConfigError(f"refine_by must be edges, uncertainty or both, got {by!r}")
     if count <= 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    rows, cols = query_grid(depth.shape, max(1, stride // 2))
-    ok = candidates[rows, cols]
-    rows, cols = rows[ok], cols[ok]
+    rows, cols = cell_pixels(candidates, max(1, stride // 2))
     score = np.zeros(rows.shape, dtype=np.float32)
     if by in ("edges", "both"):
         score += edge_strength(rgb)[rows, cols]
@@ -163,7 +184,7 @@ def assemble(
     their depth and spread (non-finite values are ignored). Anchors: the answers, and the valid input pixels where no
     answer was given. keep_input: copy valid input pixels into the output unchanged (`keep means keep`); their
     uncertainty is 0. Without it (refining keep pixels) they are filled like every other pixel. Uncertainty
-    elsewhere is the answers' spread interpolated with `push_pull`, valid input pixels counting as spread 0.
+    elsewhere is the answers' spread interpolated with `push_pull` (0 everywhere when there is no answer).
     """
     valid = np.isfinite(sparse) & (sparse > 0)
     ok = np.isfinite(values) & (values > 0)
@@ -177,7 +198,7 @@ def assemble(
     if (weights > 0).any():
         depth = np.clip(depth, anchors[weights > 0].min(), anchors[weights > 0].max())
     spread_anchor = np.zeros_like(anchors)
-    spread_weight = valid.astype(np.float32)
+    spread_weight = np.zeros_like(anchors)
     spread_anchor[answer_rows, answer_cols] = np.nan_to_num(spreads[ok], nan=0.0)
     spread_weight[answer_rows, answer_cols] = 1.0
     uncertainty = push_pull(spread_anchor, spread_weight)

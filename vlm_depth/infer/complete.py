@@ -3,9 +3,9 @@ evaluation runner, and `vlm-depth complete` (`run_complete`).
 
 A *readout* turns (model, processor, rgb, sparse) into a dense depth and uncertainty at the RGB resolution; it is
 a small function registered in `READOUTS`:
-- `query` (default): the image prefix is encoded once, pixels on a grid (plus optional edge/uncertainty-driven
-  extra pixels) are asked "what is the distance?" through `QueryDecoder`, and `assemble` fills between the answers
-  with RGB-guided filtering. A zero-depth input is monocular mode: every pixel is a fill query.
+- `query` (default): the image prefix is encoded once, one pixel per grid cell with missing input (plus optional
+  edge/uncertainty-driven extra pixels) is asked "what is the distance?" through `QueryDecoder`, and `assemble`
+  fills between the answers with RGB-guided filtering. A zero-depth input is monocular mode: every cell is asked.
 - `mdm`: the dense MDM head (`vlm_depth.model.mdm_head`, checkpoints trained with `mdm_mode` head_only/joint): one
   vision-tower pass with the sparse depth, the head's map upsampled to the RGB grid; no per-pixel uncertainty (NaN).
 `complete` then enforces "keep means keep" for every readout: valid input pixels are returned unchanged unless
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from vlm_depth.data.sample import RGBDSample
 from vlm_depth.errors import ConfigError, DataError, ModelError
-from vlm_depth.infer.assemble import assemble, query_grid, refinement_pixels, stride_for_budget
+from vlm_depth.infer.assemble import assemble, cell_pixels, refinement_pixels, stride_for_budget
 from vlm_depth.infer.config import CompleteConfig, ReadoutSettings
 from vlm_depth.infer.decoder import FLAG_CLIPPED, QueryAnswers, QueryDecoder
 from vlm_depth.prompts.chat import ChatLayout, QueryTokens
@@ -116,10 +116,8 @@ def query_readout(
     timings["prefix_s"] = time.perf_counter() - start
 
     stride = settings.stride or stride_for_budget(sparse.shape, settings.num_queries)
-    rows, cols = query_grid(sparse.shape, stride)
-    if not settings.refine_keep:
-        ask = ~valid[rows, cols]
-        rows, cols = rows[ask], cols[ask]
+    keep = not settings.refine_keep
+    rows, cols = cell_pixels(~valid if keep else np.ones_like(valid), stride)
     start = time.perf_counter()
     answers = _within_range(
         decoder.decode(prefix, pixel_queries(layout, processor, sparse, rows, cols), progress), model
@@ -127,7 +125,6 @@ def query_readout(
     timings["decode_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    keep = not settings.refine_keep
     depth, uncertainty = assemble(
         rgb, sparse, rows, cols, answers.value, answers.spread, radius=stride, keep_input=keep
     )

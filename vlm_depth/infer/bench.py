@@ -1,0 +1,108 @@
+"""`vlm-depth bench decoder`: the pixel-query decoder against one `model.generate()` per pixel, on the same image
+and the same query pixels.
+
+Timed, on one synthetic RGB-D frame (`vlm_depth.data.synthetic`, height x width) and `num_queries` pixels with
+distinct query text (distinct grid cells in coords mode, so the decoder's de-duplication gains nothing):
+(a) naive: `decode_naive`, one grammar-constrained `generate()` per pixel on the full sequence (image, depth branch
+    and prefix re-encoded every time), run once;
+(b) fast: `QueryDecoder.encode_prefix` + `decode`, best of `repeats` runs;
+(c) forward: the fast decoder's query tokens (each block with its decoded number, minus the last digit, which is
+    never fed back) in one forward per chunk against the precomputed prefix, best of `repeats`: the lower bound of
+    the query phase. `overhead_vs_forward` = query phase of (b) / (c).
+`identical`: the greedy answers of (a) and (b) agree at every query except near-ties (the naive run's two best
+allowed logits within 1e-5 at a decoded position; counted in `near_ties`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlm_depth.config import BenchConfig
+from vlm_depth.errors import ConfigError
+from vlm_depth.infer.complete import chat_layout, load_checkpoint, pixel_queries
+from vlm_depth.infer.decoder import QueryDecoder, decode_naive
+
+logger = logging.getLogger(__name__)
+
+NEAR_TIE = 1e-5
+
+
+def distinct_query_pixels(processor, shape: tuple[int, int], count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` random pixels (rows, cols) of an image of `shape` that fall in distinct cells of the processor's
+    resized grid (so their coords-mode query texts differ)."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.divmod(rng.permutation(shape[0] * shape[1]), shape[1])
+    cells, picked = set(), []
+    for row, col in zip(rows.tolist(), cols.tolist()):
+        cell = tuple(round(c) for c in processor.to_grid_xy(col, row, shape))
+        if cell not in cells:
+            cells.add(cell)
+            picked.append((row, col))
+            if len(picked) == count:
+                return tuple(np.array(v) for v in zip(*picked))
+    raise ConfigError(f"bench decoder: the image has only {len(picked)} distinct grid cells for {count} queries")
+
+
+def _best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bench_decoder(cfg: BenchConfig) -> dict[str, Any]:
+    """Run the decoder benchmark (see the module docstring); returns the JSON summary."""
+    from vlm_depth.data.synthetic import generate_sample
+
+    if cfg.num_queries < 1 or cfg.repeats < 1:
+        raise ConfigError("bench decoder: num_queries and repeats must be >= 1")
+    model, processor = load_checkpoint(cfg.model)
+    layout = chat_layout(model, processor.tokenizer)
+    sample = generate_sample(0, cfg.seed, cfg.height, cfg.width)
+    sparse = sample.depth_at_rgb_resolution()
+    rows, cols = distinct_query_pixels(processor, sparse.shape, cfg.num_queries, cfg.seed)
+    queries = pixel_queries(layout, processor, sparse, rows, cols)
+    inputs = processor(sample.rgb, sparse, text=layout.prefix_text())
+    decoder = QueryDecoder(model, layout, max_queries_per_pass=cfg.max_queries_per_pass, packing=cfg.packing)
+
+    prefix = decoder.encode_prefix(inputs)
+    fast = decoder.decode(prefix, queries)  # warm-up; its answers define the forward's tokens
+    blocks = [(q.prompt + q.answer_prefix + tokens[:-1], q.pointer_xy) for q, tokens in zip(queries, fast.tokens)]
+    prefix_s = _best(lambda: decoder.encode_prefix(inputs), cfg.repeats)
+    decode_s = _best(lambda: decoder.decode(prefix, queries), cfg.repeats)
+    forward_s = _best(lambda: decoder.forward_blocks(prefix, blocks), cfg.repeats)
+
+    start = time.perf_counter()
+    naive = decode_naive(model, layout, inputs, queries, progress=True)
+    naive_s = time.perf_counter() - start
+
+    ties = naive.margin < NEAR_TIE
+    differ = np.array([a != b for a, b in zip(fast.tokens, naive.tokens)])
+    fast_s = prefix_s + decode_s
+    n = len(queries)
+    return {
+        "n_queries": n,
+        "naive_pixels_per_s": n / naive_s,
+        "fast_pixels_per_s": n / fast_s,
+        "speedup": naive_s / fast_s,
+        "overhead_vs_forward": decode_s / forward_s,
+        "identical": bool(not (differ & ~ties).any()),
+        "near_ties": int(ties.sum()),
+        "differ_at_near_ties": int((differ & ties).sum()),
+        "keep_queries": int((sparse[rows, cols] > 0).sum()),
+        "seconds": {"naive": naive_s, "fast": fast_s, "prefix": prefix_s, "decode": decode_s, "forward": forward_s},
+        "image": [int(sparse.shape[0]), int(sparse.shape[1])],
+        "prefix_tokens": prefix.length,
+        "query_mode": model.depth_cfg.query_mode,
+        "packing": cfg.packing,
+        "max_queries_per_pass": cfg.max_queries_per_pass,
+        "device": str(decoder.device),
+        "torch_threads": torch.get_num_threads(),
+    }
