@@ -12,6 +12,7 @@ import dataclasses
 import numpy as np
 
 from vlm_depth.data.synthetic_scene import (
+    MATERIAL_NAMES,
     SPECULAR,
     TEXTURE_SIZE,
     TEXTURED,
@@ -104,7 +105,7 @@ def make_material(rng: np.random.Generator, code: int) -> Material:
             highlight=float(rng.uniform(1.0, 3.0)),
             ior=float(rng.uniform(1.4, 1.6)),
         )
-    raise ValueError(f"unknown material code {code}")
+    raise ConfigError(f"unknown material code {code}; choose one of {sorted(MATERIAL_NAMES)[1:]}")
 
 
 def _pick(rng: np.random.Generator, weights: dict[int, float]) -> int:

@@ -7,8 +7,9 @@ comes from the physics: the speckle washes out on textureless paints and at long
 surfaces mirror the pattern of other surfaces (a wrong, too-far match) and saturate in highlights, glass refracts
 the background (background depth, or views that disagree), occlusions and projector shadows leave one view without
 a match. `cv2.StereoSGBM` with its uniqueness and speckle filters, a full left-right consistency check (a second
-SGBM pass on the mirrored pair), a texture threshold and the device's range limits turn these into holes; what
-survives carries SGBM's edge fattening and 1/16-pixel disparity quantisation, and depth is rounded to 1 mm.
+SGBM pass on the mirrored pair), a texture test against the expected camera noise and the device's range limits
+turn these into holes; what survives carries SGBM's edge fattening, pixel locking and disparity quantisation (1/32
+pixel), and depth is rounded to 1 mm.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ REFERENCE_WIDTH = 320
 
 @dataclass(frozen=True)
 class StereoRig:
-    """An active stereo camera. baseline, projector_offset, max_range in meters; pattern (h, w) float32 in [0, 1].
+    """An active stereo camera. baseline, projector_offset, max_range in meters; pattern: the projected dots in [0, 1].
 
     projector_power: irradiance of the pattern at 1 m relative to `ambient_ir`; read_noise and shot_noise in 8-bit
     digital numbers (shot: per sqrt(DN)); texture_snr: smallest ratio of the local standard deviation of the left IR
