@@ -15,7 +15,7 @@ from vlm_depth.model.branch_config import DepthBranchConfig
 from vlm_depth.model.mdm_head import processor_order, token_grids
 from vlm_depth.prompts.masks import PatchState, mdm_patch_mask, patch_states, valid_mask
 from vlm_depth.prompts.textualize import select_queries
-from vlm_depth.train.mdm import SI_LAMBDA, MDMSpec, label_rows, mdm_fields, mdm_labels, mdm_loss, patch_mask_rows
+from vlm_depth.train.mdm import SI_LAMBDA, MDMSpec, label_rows, mdm_labels, mdm_loss, patch_mask_rows
 
 HEAD = dict(mdm_head=True, mdm_width=32, mdm_levels=2, mdm_blocks=1)
 
@@ -134,50 +134,48 @@ def test_masked_patches_contribute_nothing_to_the_depth_branch(model, processor)
 
 
 def test_mdm_masking_and_textualizer_share_patch_decisions(processor):
-    """Same depth map, same seed: the MDM example's split equals the textualizer's, its patch decisions are the
+    """Same depth map, same seed: the training collator's MDM fields come from the textualizer's own split and the
     shared `patch_states` / `mdm_patch_mask` of the depth the branch sees, and every query's fill/keep mask value
-    agrees with the state of its patch (nothing monkeypatched)."""
+    agrees with the state of its patch (nothing monkeypatched: the reference is recomputed from masks.py)."""
+    from vlm_depth.data.sample import RGBDSample
+    from vlm_depth.prompts.chat import ChatLayout
+    from vlm_depth.prompts.textualize import PromptTemplate, Textualizer
+    from vlm_depth.train.collator import ExampleBuilder, QuerySpec
+
     p, m = _image_rows(processor)
-    rgb, depth = _rgb_depth(4, 56, 84, density=0.15)
+    rgb, depth = _rgb_depth(4, 56, 84, density=0.15)  # 56 x 84 is the processor's grid: no resize
     depth[:, 42:] = np.where(np.random.default_rng(5).random((56, 42)) < 0.9, 3.0, 0.0)  # denser right half
-    depth[:28, :28] = 7.0  # two fully valid patches ... and an empty block
+    depth[:28, :28] = 7.0  # fully valid patches ... and an empty block
     depth[28:, :28] = 0.0
     spec = MDMSpec()
+    layout = ChatLayout(processor.tokenizer, Textualizer(PromptTemplate.load("paper")))
+    query_spec = QuerySpec("sparse", num_queries=40, keep_ratio=0.5, holdout_ratio=0.2, mdm=spec)
+    builder = ExampleBuilder(processor, layout, query_spec)
     for seed in range(5):
-        # The textualizer path (what the training collator does for the text loss).
-        text_rng = np.random.default_rng(seed)
-        shown, queries = select_queries(
-            depth, None, label_source="sparse", n_queries=40, keep_ratio=0.5, holdout_ratio=0.2, rng=text_rng
-        )
-        # The MDM path on the same depth map and seed.
-        mdm_rng = np.random.default_rng(seed)
-        mdm_shown, _ = select_queries(
-            depth, None, label_source="sparse", n_queries=40, keep_ratio=0.5, holdout_ratio=0.2, rng=mdm_rng
-        )
-        inputs = processor(rgb=rgb, depth=mdm_shown)
-        state_after_split = mdm_rng.bit_generator.state
-        fields = mdm_fields(depth, mdm_shown, None, "sparse", inputs, mdm_rng, processor.image_processor, spec)
-        np.testing.assert_array_equal(mdm_shown, shown)
+        example = builder(RGBDSample(rgb=rgb, depth=depth, name="x"), np.random.default_rng(seed), seed)
 
-        # Patch decisions: the shared functions on the depth the branch sees (56 x 84 is the processor's grid).
+        # Reference: the textualizer's split and queries, then the shared mask functions, with the same rng stream.
+        rng = np.random.default_rng(seed)
+        shown, queries = select_queries(
+            depth, None, label_source="sparse", n_queries=40, keep_ratio=0.5, holdout_ratio=0.2, rng=rng
+        )
+        assert example["is_fill"].tolist() == [q.kind == "fill" for q in queries]
+        assert torch.equal(example["depth_values"], processor(rgb=rgb, depth=shown)["depth_values"])
         states = patch_states(valid_mask(shown), p)
-        rng = np.random.default_rng()
-        rng.bit_generator.state = state_after_split
         expected = mdm_patch_mask(states, rng, spec.mixed_keep_prob, spec.ratio_range)
         expected_rows = patchify(torch.from_numpy(expected)[None, None].float(), 1, m, 1)[:, 0] > 0
-        assert torch.equal(fields["mdm_patch_mask"], expected_rows)
-        assert expected[states == PatchState.EMPTY].all()
+        assert torch.equal(example["mdm_patch_mask"], expected_rows)
+        assert expected[states == PatchState.EMPTY].all() and not expected.all()
 
         # The textualizer's mask value (keep = 1, fill = 0) agrees with the patch states of the same valid mask.
         for q in queries:
-            state = states[q.y // p, q.x // p]
-            assert state != (PatchState.EMPTY if q.kind == "keep" else PatchState.VALID)
+            assert states[q.y // p, q.x // p] != (PatchState.EMPTY if q.kind == "keep" else PatchState.VALID)
         # MDM labels are the held-out points: every fill query, with its label, and nothing the branch sees.
         labels = mdm_labels(depth, shown, None, "sparse")
         for q in queries:
             assert labels[q.y, q.x] == (np.float32(q.label) if q.kind == "fill" else 0)
         assert not (valid_mask(labels) & valid_mask(shown)).any()
-        assert torch.equal(fields["mdm_labels"], label_rows(labels, processor.image_processor))
+        assert torch.equal(example["mdm_labels"], label_rows(labels, processor.image_processor))
 
 
 def test_label_free_labels_are_the_held_out_points_and_never_read_the_ground_truth():
@@ -389,3 +387,95 @@ def test_eval_runs_the_mdm_readout_of_a_checkpoint(head_ckpt, tmp_path):
     (cell,) = (tmp_path / "eval").glob("*/*/*/metrics.json")
     metrics = json.loads(cell.read_text())
     assert metrics["readout"] == "mdm" and metrics["n_images"] == 2 and np.isfinite(metrics["mae"])
+
+
+# ------------------------------------------------------------------------------------------------------- training
+def _train_config(tiny_ckpt, out, mode: str, *overrides: str):
+    from vlm_depth.config import parse_config
+    from vlm_depth.train.config import TrainConfig
+
+    args = [
+        "--model", str(tiny_ckpt), "--out", str(out), "--finetune", "full",
+        "--dataset", "synthetic:32?height=48&width=64&seed=0", "--cache_images", "true",
+        "--val_dataset", "synthetic:4?height=48&width=64&seed=1", "--val_label_source", "gt", "--val_queries", "2",
+        "--label_source", "gt", "--num_queries", "2", "--batch_size", "2",
+        "--mdm_mode", mode, "--mdm_head", "true", "--mdm_width", "32", "--mdm_levels", "2",
+        "--lr_branch", "1e-3", "--warmup_steps", "10", "--log_every", "50", "--seed", "0",
+    ]  # fmt: skip
+    return parse_config(TrainConfig, args + list(overrides))
+
+
+@pytest.fixture
+def one_thread():
+    """The machine is shared: one intra-op thread is faster under contention (results do not depend on it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_head_only_training_reduces_masked_pixel_l1_and_leaves_the_vlm_frozen(tiny_ckpt, tmp_path, one_thread):
+    """200 CPU steps of the head alone (ground-truth labels, synthetic scenes) on the frozen tiny model: the L1 over
+    held-out images' masked patches falls clearly; every other weight is unchanged; the checkpoint restores it."""
+    from accelerate.utils import set_seed
+
+    from vlm_depth.model.depth_vlm import DepthVLM
+    from vlm_depth.train.loop import build_val_batches, load_model, run_train
+    from vlm_depth.train.mdm import validate_mdm
+
+    cfg = _train_config(tiny_ckpt, tmp_path / "run", "head_only", "--max_steps", "200", "--lr_branch", "3e-3")
+    set_seed(cfg.seed)  # the initial model of run_train (same seed, same construction)
+    initial, processor = load_model(cfg)
+    layout = _layout(processor)
+    val = build_val_batches(cfg, processor, layout)
+    before = validate_mdm(initial, val, processor.image_processor)["val_mdm_l1_masked"]
+
+    summary = run_train(cfg)
+    after = summary["validation"]["val_mdm_l1_masked"]
+    assert after < 0.5 * before, f"masked-pixel L1 on held-out images: {before:.3f} m before, {after:.3f} m after"
+    assert summary["mdm_loss_last"] < summary["mdm_loss_first"]  # training loss, first vs last 20 steps
+
+    final = DepthVLM.from_pretrained(summary["final"]).eval()
+    reloaded = validate_mdm(final, val, processor.image_processor)["val_mdm_l1_masked"]
+    assert reloaded == pytest.approx(after, rel=1e-5)
+    start, end = initial.state_dict(), final.state_dict()
+    head = [k for k in end if k.startswith("depth_branch.mdm_head.")]
+    assert head and any(not torch.equal(start[k], end[k]) for k in head)
+    for key in set(end) - set(head):
+        assert torch.equal(start[key], end[key]), f"{key} changed in head_only mode"
+
+
+def _layout(processor):
+    from vlm_depth.prompts.chat import ChatLayout
+    from vlm_depth.prompts.textualize import PromptTemplate, Textualizer
+
+    return ChatLayout(processor.tokenizer, Textualizer(PromptTemplate.load("paper")))
+
+
+def test_joint_training_logs_both_losses_and_trains_branch_and_head(tiny_ckpt, tmp_path, one_thread):
+    """Joint mode, label-free, balanced SI loss, two accumulation micro-batches: text and MDM terms are logged and
+    finite, and both the depth branch and the head move."""
+    import json
+
+    from accelerate.utils import set_seed
+
+    from vlm_depth.model.depth_vlm import DepthVLM
+    from vlm_depth.train.loop import load_model, run_train
+
+    cfg = _train_config(
+        tiny_ckpt, tmp_path / "joint", "joint", "--max_steps", "3", "--label_source", "sparse",
+        "--mdm_loss", "balanced_si", "--grad_accum", "2", "--mdm_weight", "0.5", "--val_dataset", "",
+    )  # fmt: skip
+    set_seed(cfg.seed)
+    init = {k: v.clone() for k, v in load_model(cfg)[0].state_dict().items()}
+    summary = run_train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "joint" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert row["ce"] > 0 and row["mdm_loss"] > 0 and math.isfinite(row["mdm_l1_masked"])
+        assert row["loss"] == pytest.approx(row["ce"] + 0.5 * row["mdm_loss"], rel=1e-9)
+    trained = DepthVLM.from_pretrained(summary["final"]).state_dict()
+    for prefix in ("depth_branch.mdm_head.", "depth_branch.fusion.out.", "model.language_model.layers.0."):
+        keys = [k for k in trained if k.startswith(prefix)]
+        assert keys and any(not torch.equal(trained[k], init[k]) for k in keys), prefix

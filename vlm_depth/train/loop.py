@@ -70,6 +70,13 @@ class PackedModel(torch.nn.Module):
         self.model = model
         self.mdm_mode = mdm_mode
 
+    def train(self, mode: bool = True) -> PackedModel:
+        super().train(mode)
+        if self.mdm_mode == "head_only":  # the frozen model keeps inference behaviour (BatchNorm statistics)
+            self.model.eval()
+            self.model.mdm_head.train(mode)
+        return self
+
     def forward(self, batch: Batch, logits_to_keep: int | torch.Tensor = 0):
         logits = None if self.mdm_mode == "head_only" else packed_forward(self.model, batch, logits_to_keep)
         mdm_depth = None if self.mdm_mode == "off" else mdm_predictions(self.model, batch)
