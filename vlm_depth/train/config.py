@@ -140,6 +140,11 @@ class TrainConfig(DepthBranchConfig):
     )
     seed: int = _help("Seed for weights of new modules, data order, query selection and dropout.", default=0)
     num_workers: int = _help("DataLoader worker processes preparing packed examples.", default=0)
+    num_threads: int = _help(
+        "torch intra-op CPU threads for this process (0 = torch's default). Small models on a shared CPU train "
+        "much faster with 1.",
+        default=0,
+    )
 
     # --- logging and checkpoints ---
     out: str = _help(

@@ -105,6 +105,7 @@ class Run:
 
 # ---------------------------------------------------------------------------------------------------------- setup
 def make_accelerator(cfg: TrainConfig):
+    import accelerate.utils
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import ProjectConfiguration
 
@@ -112,6 +113,12 @@ def make_accelerator(cfg: TrainConfig):
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     trackers = None if cfg.report_to == "none" else cfg.report_to
+    available = {
+        "tensorboard": accelerate.utils.is_tensorboard_available,
+        "wandb": accelerate.utils.is_wandb_available,
+    }
+    if trackers and not available[trackers]():
+        raise ConfigError(f"report_to {trackers}: the `{trackers}` package is not installed (pip install {trackers})")
     return Accelerator(
         # Without CUDA this is a CPU run; under torchrun / `accelerate launch --multi_gpu` it is then DDP over gloo.
         cpu=not torch.cuda.is_available(),
@@ -154,12 +161,16 @@ def load_model(cfg: TrainConfig, accelerator=None):
     cuda = torch.cuda.is_available()
     # Frozen weights in bf16 on GPU (halves memory); trainable weights are kept in fp32 below.
     dtype = torch.bfloat16 if cuda and cfg.finetune != "full" else torch.float32
+    extra = {}
+    if cfg.finetune == "qlora" and cuda:  # bitsandbytes places the weights at load time: this process's GPU
+        extra["device_map"] = {"": accelerator.local_process_index if accelerator is not None else 0}
     model = DepthVLM.from_pretrained(
         path,
         depth_cfg=cfg.branch_config() if fresh else None,
         quantization="nf4" if cfg.finetune == "qlora" else None,
         adapter_trainable=True,
         dtype=dtype,
+        **extra,
     )
     processor = DepthProcessor.from_pretrained(path, template=model.depth_cfg.template)
     if cfg.max_pixels:
@@ -269,6 +280,8 @@ def setup(cfg: TrainConfig) -> Run:
 
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     if accelerator.is_main_process:
         save_config(cfg.out, cfg)
     model, processor = load_model(cfg, accelerator)
