@@ -109,6 +109,18 @@ def test_mdm_depth_has_input_size_and_is_positive_and_finite(tiny_ckpt, processo
     torch.testing.assert_close(single[0], depth[0], rtol=1e-5, atol=1e-5)
 
 
+def test_depth_beyond_the_range_is_clamped_but_still_pulled_back_by_the_loss():
+    """Finite output even for absurd weights; the clamp passes gradients through, so training can recover."""
+    from vlm_depth.model.mdm_head import LOG_DEPTH_RANGE, MDMHead
+
+    torch.manual_seed(0)
+    head = MDMHead(16, width=8, levels=1, blocks=1, init_depth=1e9)
+    depth = head(torch.randn(1, 16, 3, 4), (20, 30))
+    assert torch.isfinite(depth).all() and torch.allclose(depth, torch.tensor(math.exp(LOG_DEPTH_RANGE[1])))
+    (depth - 2.0).abs().mean().backward()
+    assert head.output.bias.grad.item() > 0  # a gradient step lowers the too-far prediction
+
+
 # ------------------------------------------------------------------------------------------------------- masking
 def test_masked_patches_contribute_nothing_to_the_depth_branch(model, processor):
     """Changing depth inside masked patches leaves the MDM output unchanged; inside a visible patch it changes it."""

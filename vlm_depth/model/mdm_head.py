@@ -20,8 +20,10 @@ token (a CLS-like global token broadcast); tokens are reshaped to the (h, w) pat
 encoding concatenated) to `width` channels; `levels` x [transposed-conv 2x upsampling + 3x3 conv, UV encoding of
 the new scale added through a 1x1 conv, `blocks` residual conv blocks], halving the width each time (>= 32); a 1x1
 conv to log-depth, bilinear upsampling (in log space) to the requested size, and `exp`: depth is positive by
-construction, and finite since log-depth is clamped to [1 mm, 10 km]. UV encoding: view-plane coordinates of the
-cell centres with the half-diagonal at 1 (MoGe's `normalized_view_plane_uv`), so the head knows position and aspect.
+construction, and finite since log-depth is clamped to [1 mm, 10 km]; the clamp passes gradients straight through,
+so a prediction pushed beyond the range by a large step is still pulled back by the loss. UV encoding: view-plane
+coordinates of the cell centres with the half-diagonal at 1 (MoGe's `normalized_view_plane_uv`), so the head knows
+position and aspect.
 Group norms (no batch statistics): an image's output does not depend on the other images of its batch.
 """
 
@@ -187,7 +189,8 @@ class MDMHead(nn.Module):
     def forward(self, tokens: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
         """Token grids (B, in_dim, h, w) -> depth (B, H, W) float meters, > 0 and finite, at `out_size` = (H, W)."""
         log_depth = F.interpolate(self.log_depth(tokens), size=tuple(out_size), mode="bilinear", align_corners=False)
-        return log_depth.clamp(*LOG_DEPTH_RANGE).exp().squeeze(1)
+        clamped = log_depth + (log_depth.clamp(*LOG_DEPTH_RANGE) - log_depth).detach()  # straight-through
+        return clamped.exp().squeeze(1)
 
     def predict(self, grids: Sequence[torch.Tensor], out_sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
         """One depth map (H, W) meters per token grid (C, h, w), at its `out_sizes` entry; images of equal grid and
