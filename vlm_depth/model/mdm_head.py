@@ -54,8 +54,8 @@ def head_input_dim(vision_config, tokens: str) -> int:
 
 def build_mdm_head(cfg, vision_config) -> MDMHead:
     """A fresh MDM head for the branch config `cfg` (`mdm_tokens`, `mdm_width`, `mdm_levels`, `mdm_blocks`) on a
-    Qwen2.5-VL vision tower; it starts at sqrt(max_depth) meters everywhere (the geometric middle of 1 m and
-    `cfg.max_depth`)."""
+    Qwen2.5-VL vision tower. Its output bias starts at log sqrt(max_depth): predictions start around the geometric
+    middle of 1 m and `cfg.max_depth`."""
     return MDMHead(
         head_input_dim(vision_config, cfg.mdm_tokens),
         width=cfg.mdm_width,
@@ -153,7 +153,7 @@ class MDMHead(nn.Module):
 
     `in_dim`: token channels; `width`: channels at the token grid (halved per level, at least 32); `levels`: 2x
     upsamplings (4 turns 14-px tokens into 0.875-px cells); `blocks`: residual blocks per level; `init_depth`:
-    meters, the depth the head predicts everywhere before training.
+    meters, the output bias is log(init_depth), so untrained predictions scatter around it.
     """
 
     def __init__(self, in_dim: int, width: int = 256, levels: int = 4, blocks: int = 1, init_depth: float = 10.0):

@@ -6,7 +6,9 @@ the textualizer's hold-out, resized to the processor's grid). They are decided o
 not the 28-px merged grid, because depth enters per 14-px patch: a row of `depth_values` is one patch, F_e2 embeds
 it on its own and the pre-merger token is that patch, so "masked" means exactly "this patch's depth token carries no
 depth" (LingBot-Depth masks per patch-14 ViT token). A masked patch's depth rows are zeroed before the branch, i.e.
-it becomes missing depth, the state the branch already knows. "Mask all" is monocular mode.
+it becomes missing depth, the state the branch already knows. "Mask all" is monocular mode. The masking is for the
+MDM head only: in joint training the text loss sees the textualizer's shown depth unmasked (the paper's input), so
+the vision tower runs twice per image, once per input.
 
 Labels (`mdm_labels`): label-free (`label_source: sparse`) = the held-out input points, the same split the
 textualizer makes (so the MDM and the query readouts learn from the same labels); `gt` = every pixel with valid
@@ -23,8 +25,7 @@ Losses, on the head's output at the processor's grid, over labelled pixels:
   other), so neither the usually larger masked area nor the reconstruction of visible depth dominates. Multi-scale:
   the log-depths (prediction and labels, per region, valid-weighted) are average-pooled by SI_SCALES and the losses
   averaged over scales. Vanishing Depth supervises several decoder stages; here the scales are pooled copies of
-  the one output, which keeps the head's parameters the same for both losses (no parameter left unused, which
-  distributed data parallel would reject).
+  the one output, which keeps the head's parameters and outputs the same for both losses.
 Losses come as (sum, weight) so a trainer can normalise over the global batch: for `l1` the weight is the number of
 labelled pixels, for `balanced_si` the number of images with labels.
 """
