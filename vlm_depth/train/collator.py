@@ -105,38 +105,36 @@ class ExampleBuilder:
         """Packed row of the image `rgb` (H, W, 3) uint8 with depth input `shown_depth` (H, W) meters and labelled
         `queries` (pixel coordinates of `rgb`)."""
         enc = self.processor(rgb=rgb, depth=shown_depth, text=self.prefix_text)
-        ids = [enc["input_ids"][0].tolist()]
-        segments, labels, places, query_ids = [[PREFIX] * len(ids[0])], [[IGNORE_INDEX] * len(ids[0])], [], []
-        places.append([0.0] * len(ids[0]))
-        query_ids.append([-1] * len(ids[0]))
+        prefix = enc["input_ids"][0].tolist()
+        # per-token columns, built segment by segment: the prefix, then one block per query
+        ids, segments, labels = list(prefix), [PREFIX] * len(prefix), [IGNORE_INDEX] * len(prefix)
+        places, query_ids = [0.0] * len(prefix), [-1] * len(prefix)
         pointer_xy, targets = [], []
         for k, query in enumerate(queries):
-            block = self.layout.query_tokens(
-                query, self.processor.to_grid_xy(query.x, query.y, rgb.shape), query.label
-            )
-            tokens = block.ids()
-            answer = block.answer_slice()
-            row_labels = [IGNORE_INDEX] * len(tokens)
-            row_labels[answer] = tokens[answer]
+            grid_xy = self.processor.to_grid_xy(query.x, query.y, rgb.shape)
+            block = self.layout.query_tokens(query, grid_xy, query.label)
+            tokens, answer = block.ids(), block.answer_slice()
+            block_labels = [IGNORE_INDEX] * len(tokens)
+            block_labels[answer] = tokens[answer]
             number_start = len(block.prompt) + len(block.answer_prefix)
-            row_places = [0.0] * len(tokens)
-            row_places[number_start : number_start + len(block.number)] = digit_places(
+            block_places = [0.0] * len(tokens)
+            block_places[number_start : number_start + len(block.number)] = digit_places(
                 block.number, self.layout.digit_ids, self.layout.point_id
             )
-            ids.append(tokens)
-            segments.append([k + 1] * len(tokens))
-            labels.append(row_labels)
-            places.append(row_places)
-            query_ids.append([k] * len(tokens))
+            ids += tokens
+            segments += [k + 1] * len(tokens)
+            labels += block_labels
+            places += block_places
+            query_ids += [k] * len(tokens)
             pointer_xy += block.pointer_xy
             targets.append(float(format_meters(query.label, self.layout.textualizer.decimals)))
-        input_ids = torch.tensor(sum(ids, []), dtype=torch.long)
+        input_ids = torch.tensor(ids, dtype=torch.long)
         return {
             "input_ids": input_ids,
-            "segment_ids": torch.tensor(sum(segments, []), dtype=torch.long),
-            "labels": torch.tensor(sum(labels, []), dtype=torch.long),
-            "places": torch.tensor(sum(places, []), dtype=torch.float32),
-            "query_ids": torch.tensor(sum(query_ids, []), dtype=torch.long),
+            "segment_ids": torch.tensor(segments, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "places": torch.tensor(places, dtype=torch.float32),
+            "query_ids": torch.tensor(query_ids, dtype=torch.long),
             "mm_token_type_ids": (input_ids == self.image_token_id).int(),
             "pixel_values": enc["pixel_values"],
             "image_grid_thw": enc["image_grid_thw"],
