@@ -1,0 +1,129 @@
+"""`vlm-depth demo`: the whole pipeline end to end on a reduced budget writes every output, its report lists every
+baseline and the model with finite numbers, and its verdict says plainly which baselines beat the model."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+
+from vlm_depth.cli import main
+from vlm_depth.config import DemoConfig
+from vlm_depth.data import load
+from vlm_depth.errors import ConfigError
+from vlm_depth.eval.baselines import BASELINES
+from vlm_depth.eval.demo import model_name, readouts, run_demo, verdict
+
+
+def _cell(method: str, mae: float | None, fill_mae: float | None) -> dict:
+    return {"method": method, "mae": mae, "fill": {"mae": fill_mae}}
+
+
+def _named(segment: str) -> set[str]:
+    return set(re.findall(r"`([^`]+)`", segment))
+
+
+def _split_verdict(line: str) -> tuple[set[str], set[str]]:
+    """(baselines the model loses to, baselines it beats) named in one verdict sentence."""
+    _, _, rest = line.partition(" m) ")
+    if rest.startswith("loses to every baseline"):
+        return _named(rest), set()
+    if rest.startswith("beats every baseline"):
+        return set(), _named(rest)
+    loses, _, beats = rest.partition("; beats ")
+    return _named(loses), _named(beats)
+
+
+def test_verdict_names_exactly_the_baselines_with_lower_mae():
+    results = [
+        _cell("nearest", 0.10, 0.30),
+        _cell("linear", 0.20, 0.50),
+        _cell("median", 0.90, 2.00),
+        _cell("model", 0.15, 0.60),
+    ]
+    all_line, fill_line = verdict(results, ["model"])
+    assert "all evaluated pixels" in all_line and "fill pixels" in fill_line
+    assert _split_verdict(all_line) == ({"nearest"}, {"linear", "median"})
+    assert _split_verdict(fill_line) == ({"nearest", "linear"}, {"median"})
+
+
+def test_verdict_says_loses_to_every_baseline_and_reports_missing_values():
+    results = [_cell("nearest", 0.1, 0.2), _cell("median", 0.5, None), _cell("model", 0.9, float("nan"))]
+    all_line, fill_line = verdict(results, ["model"])
+    assert "loses to every baseline" in all_line and _split_verdict(all_line) == ({"nearest", "median"}, set())
+    assert fill_line == "`model` has no finite MAE over fill pixels (where the sensor failed)."
+
+
+def test_demo_rejects_bad_options_and_a_foreign_output_folder(tmp_path):
+    with pytest.raises(ConfigError, match="num_eval"):
+        run_demo(DemoConfig(out=str(tmp_path / "a"), num_eval=0))
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not empty"):
+        run_demo(DemoConfig(out=str(foreign)))
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def _table_rows(section: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+            rows[cells[0].strip("`")] = cells[1:]
+    return rows
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_a_reduced_budget(tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["--out", str(out), "--train_steps", "6", "--num_train", "4", "--num_eval", "2"]
+    args += ["--height", "64", "--width", "96", "--budget_minutes", "3"]
+    assert main(["demo", *args]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    cfg = DemoConfig(out=str(out), height=64, width=96)
+    models = [model_name(r) for r in readouts(cfg)]
+
+    for name in ("report.md", "config.yaml", "train_curve.png", "eval/report.md", "eval/results.csv"):
+        assert (out / name).is_file(), name
+    assert (out / "data" / "heldout" / "preview.png").is_file()
+    assert any((out / "train" / "final").glob("*.safetensors"))
+
+    # Every baseline and every readout of the model, with finite numbers in both tables.
+    text = (out / "report.md").read_text()
+    results = text.split("## Results", 1)[1].split("\n## ", 1)[0]
+    main_table, fill_table = results.split("fill MAE (m)", 1)
+    for table in (main_table, "| fill MAE (m)" + fill_table):
+        rows = _table_rows(table)
+        assert set(rows) == set(BASELINES) | set(models)
+        for method, cells in rows.items():
+            values = [float(c) for c in cells]
+            assert all(math.isfinite(v) for v in values), (method, cells)
+
+    # The verdict (in the report and the summary) matches the measured MAEs.
+    metrics = summary["metrics"]
+    for line in summary["verdict"]:
+        assert line in text
+        model = re.match(r"On MAE over .*?, `([^`]+)`", line).group(1)
+        key = "mae" if "all evaluated pixels" in line else "fill_mae"
+        loses, beats = _split_verdict(line)
+        assert loses == {b for b in BASELINES if metrics[b][key] < metrics[model][key]}
+        assert beats == {b for b in BASELINES if metrics[b][key] >= metrics[model][key]}
+    assert len(summary["verdict"]) == 2 * len(models)
+
+    # The completed held-out frame keeps every valid sensor pixel exactly (keep means keep).
+    for readout in readouts(cfg):
+        folder = out / "complete" / readout
+        depth_npy = next(folder.glob("*_depth.npy"))
+        name = depth_npy.name[: -len("_depth.npy")]
+        completed = np.load(depth_npy, allow_pickle=False)
+        frame = next(s for s in load(f"folder:{out / 'data' / 'heldout'}") if s.name == name)
+        valid = frame.depth > 0
+        assert completed.shape == frame.depth.shape and np.isfinite(completed).all()
+        np.testing.assert_array_equal(completed[valid], frame.depth[valid])
+        for suffix in ("_depth.png", "_color.png", "_uncertainty.png", "_compare.png", ".ply"):
+            assert (folder / f"{name}{suffix}").is_file(), suffix
+    assert set(summary["seconds"]) == {"tiny", "data", "train", "eval", "complete", "report", "total"}
