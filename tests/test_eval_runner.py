@@ -245,7 +245,10 @@ def test_benchmark_suites_parse_with_known_readers_and_protocols(name):
             parse_protocol(protocol)
     models = {m.name: m.model for m in suite.methods if m.model}
     if name == "label_free_vs_gt":
-        assert models == {"label-free": "runs/qwen2.5-vl-3b-sd", "gt-supervised": "runs/qwen2.5-vl-3b-gt"}
+        assert models == {
+            "label-free": "runs/qwen2.5-vl-3b-hypersim-vkitti-sd/final",
+            "gt-supervised": "runs/qwen2.5-vl-3b-hypersim-vkitti-gt/final",
+        }
         assert suite.compare == [("label-free", "gt-supervised")]
     assert (REPO_ROOT / "eval" / f"{name}.yaml").is_file()
 
