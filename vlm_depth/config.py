@@ -84,7 +84,7 @@ class BenchConfig:
     k1_batch: int = _help("bench train: sequences per K = 1 micro-batch.", default=4)
     seed: int = _help("Seed of the benchmark images and query pixels.", default=0)
     num_queries: int = _help("bench decoder: query pixels (distinct grid cells) of the image.", default=512)
-    max_queries_per_pass: int = _help("bench decoder: queries decoded together per pass.", default=256)
+    max_queries_per_pass: int = _help("bench decoder: queries decoded together per pass.", default=128)
     packing: str = _help("bench decoder: decoder layout, batch or packed.", default="batch")
     repeats: int = _help("bench decoder: timed runs of the fast decoder and of the forward (best kept).", default=3)
 
