@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from vlm_depth.cli import main
-from vlm_depth.config import DemoConfig
+from vlm_depth.config import DemoConfig, save_config
 from vlm_depth.data import load
 from vlm_depth.errors import ConfigError
 from vlm_depth.eval.baselines import BASELINES
-from vlm_depth.eval.demo import model_name, readouts, run_demo, verdict
+from vlm_depth.eval.demo import model_name, prepare_out, readouts, run_demo, verdict
 
 
 def _cell(method: str, mae: float | None, fill_mae: float | None) -> dict:
@@ -26,15 +26,15 @@ def _named(segment: str) -> set[str]:
     return set(re.findall(r"`([^`]+)`", segment))
 
 
-def _split_verdict(line: str) -> tuple[set[str], set[str]]:
-    """(baselines the model loses to, baselines it beats) named in one verdict sentence."""
+def _split_verdict(line: str) -> dict[str, set[str]]:
+    """Baselines named per clause of one verdict sentence: {"loses to": {...}, "ties with": ..., "beats": ...,
+    "cannot be compared with": ...}."""
     _, _, rest = line.partition(" m) ")
-    if rest.startswith("loses to every baseline"):
-        return _named(rest), set()
-    if rest.startswith("beats every baseline"):
-        return set(), _named(rest)
-    loses, _, beats = rest.partition("; beats ")
-    return _named(loses), _named(beats)
+    clauses = {}
+    for clause in rest.rstrip(".").split("; "):
+        verb = next(v for v in ("loses to", "ties with", "beats", "cannot be compared with") if clause.startswith(v))
+        clauses[verb] = _named(clause)
+    return clauses
 
 
 def test_verdict_names_exactly_the_baselines_with_lower_mae():
@@ -46,15 +46,29 @@ def test_verdict_names_exactly_the_baselines_with_lower_mae():
     ]
     all_line, fill_line = verdict(results, ["model"])
     assert "all evaluated pixels" in all_line and "fill pixels" in fill_line
-    assert _split_verdict(all_line) == ({"nearest"}, {"linear", "median"})
-    assert _split_verdict(fill_line) == ({"nearest", "linear"}, {"median"})
+    assert _split_verdict(all_line) == {"loses to": {"nearest"}, "beats": {"linear", "median"}}
+    assert _split_verdict(fill_line) == {"loses to": {"nearest", "linear"}, "beats": {"median"}}
 
 
-def test_verdict_says_loses_to_every_baseline_and_reports_missing_values():
-    results = [_cell("nearest", 0.1, 0.2), _cell("median", 0.5, None), _cell("model", 0.9, float("nan"))]
+def test_verdict_says_every_baseline_names_ties_and_never_counts_missing_values():
+    results = [_cell("nearest", 0.1, 0.2), _cell("median", 0.5, None), _cell("model", 0.9, 0.2)]
     all_line, fill_line = verdict(results, ["model"])
-    assert "loses to every baseline" in all_line and _split_verdict(all_line) == ({"nearest", "median"}, set())
-    assert fill_line == "`model` has no finite MAE over fill pixels (where the sensor failed)."
+    assert "loses to every baseline:" in all_line
+    assert _split_verdict(all_line) == {"loses to": {"nearest", "median"}}
+    assert _split_verdict(fill_line) == {"ties with": {"nearest"}, "cannot be compared with": {"median"}}
+    (line,) = verdict([_cell("nearest", 0.1, 0.2), _cell("model", 0.9, float("nan"))], ["model"])[1:]
+    assert line == "`model` has no finite MAE over fill pixels (where the sensor failed)."
+
+
+def test_a_previous_demo_folder_is_reused_with_its_stage_folders_emptied(tmp_path):
+    out = tmp_path / "demo"
+    save_config(out, DemoConfig(out=str(out)))  # what an interrupted run leaves first
+    stale = out / "data" / "train" / "stale_rgb.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"x")
+    (out / "notes.txt").write_text("mine")
+    prepare_out(out)
+    assert not stale.exists() and (out / "notes.txt").read_text() == "mine"
 
 
 def test_demo_rejects_bad_options_and_a_foreign_output_folder(tmp_path):
@@ -109,9 +123,9 @@ def test_demo_end_to_end_on_a_reduced_budget(tmp_path, capsys):
         assert line in text
         model = re.match(r"On MAE over .*?, `([^`]+)`", line).group(1)
         key = "mae" if "all evaluated pixels" in line else "fill_mae"
-        loses, beats = _split_verdict(line)
-        assert loses == {b for b in BASELINES if metrics[b][key] < metrics[model][key]}
-        assert beats == {b for b in BASELINES if metrics[b][key] >= metrics[model][key]}
+        clauses = _split_verdict(line)
+        assert clauses.get("loses to", set()) == {b for b in BASELINES if metrics[b][key] < metrics[model][key]}
+        assert clauses.get("beats", set()) == {b for b in BASELINES if metrics[b][key] > metrics[model][key]}
     assert len(summary["verdict"]) == 2 * len(models)
 
     # The completed held-out frame keeps every valid sensor pixel exactly (keep means keep).

@@ -33,7 +33,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vlm_depth.config import DemoConfig, SynthConfig, TinyConfig, parse_config, save_config
+from vlm_depth.config import DemoConfig, SynthConfig, TinyConfig, load_yaml, parse_config, save_config
 from vlm_depth.errors import ConfigError, ModelError
 from vlm_depth.eval import report
 from vlm_depth.resources import REPO_ROOT, resource_path
@@ -86,11 +86,13 @@ def _check(cfg: DemoConfig) -> None:
         raise ConfigError(f"demo: budget_minutes must be > 0, got {cfg.budget_minutes}")
 
 
-def _prepare_out(out: Path) -> None:
-    """Replace the stage folders of a previous demo run in `out`; refuse a non-empty folder that is not one, so a
-    stale frame or checkpoint can never leak into this run and no user file is deleted."""
+def prepare_out(out: Path) -> None:
+    """Create `out`, or empty the stage folders of a previous (finished or interrupted) demo run in it; refuse any
+    other non-empty folder. So a stale frame or checkpoint never leaks into this run and no user file is deleted."""
     if out.is_dir() and any(out.iterdir()):
-        if not (out / "config.yaml").is_file() or not (out / "report.md").is_file():
+        config = out / "config.yaml"
+        previous = config.is_file() and {"num_train", "num_eval", "train_steps"} <= set(load_yaml(config))
+        if not previous:
             raise ConfigError(f"demo: {out} is not empty and holds no previous demo run; choose another --out")
         for name in STAGE_DIRS:
             shutil.rmtree(out / name, ignore_errors=True)
@@ -166,16 +168,16 @@ def _complete(cfg: DemoConfig, out: Path, checkpoint: str) -> dict[str, dict[str
 
 
 def verdict(results: Sequence[Mapping[str, Any]], models: Sequence[str]) -> list[str]:
-    """Plain sentences: for each model method, the baselines it loses to and beats on MAE over all evaluated pixels
-    and over fill pixels (lower is better; a NaN/None value is said to be missing, never counted as a win)."""
+    """Plain sentences: for each model method, the baselines it loses to, ties with and beats on MAE (meters, lower
+    is better) over all evaluated pixels and over fill pixels; a NaN/None value is named as missing, never counted
+    as a win or a loss."""
 
     def mae(result: Mapping[str, Any], region: str | None) -> float | None:
         value = (result.get(region) or {}) if region else result
         value = value.get("mae")
         return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
-    def listing(items: Sequence[tuple[str, float]]) -> str:
-        parts = [f"`{name}` ({value:.3f} m)" for name, value in items]
+    def listing(parts: Sequence[str]) -> str:
         return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
     baselines = [r for r in results if r["method"] not in models]
@@ -188,15 +190,16 @@ def verdict(results: Sequence[Mapping[str, Any]], models: Sequence[str]) -> list
                 lines.append(f"`{name}` has no finite MAE over {where}.")
                 continue
             scored = [(b["method"], mae(b, region)) for b in baselines]
-            better = [(n, v) for n, v in scored if v is not None and v < own]
-            worse = [(n, v) for n, v in scored if v is not None and v >= own]
-            if not worse:
-                outcome = "loses to every baseline: " + listing(better)
-            elif not better:
-                outcome = "beats every baseline: " + listing(worse)
-            else:
-                outcome = f"loses to {listing(better)}; beats {listing(worse)}"
-            lines.append(f"On MAE over {where}, `{name}` ({own:.3f} m) {outcome}.")
+            clauses = []
+            for verb, keep in (("loses to", float.__lt__), ("ties with", float.__eq__), ("beats", float.__gt__)):
+                hits = [f"`{n}` ({v:.3f} m)" for n, v in scored if v is not None and keep(v, own)]
+                if hits:
+                    every = " every baseline:" if len(hits) == len(baselines) else ""
+                    clauses.append(f"{verb}{every} {listing(hits)}")
+            missing = [f"`{n}`" for n, v in scored if v is None]
+            if missing:
+                clauses.append(f"cannot be compared with {listing(missing)} (no finite MAE)")
+            lines.append(f"On MAE over {where}, `{name}` ({own:.3f} m) {'; '.join(clauses)}.")
     return lines
 
 
@@ -425,7 +428,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     _check(cfg)
     out = Path(cfg.out)
-    _prepare_out(out)
+    prepare_out(out)
     save_config(out, cfg)
     host = machine()
     clock = StageClock(STAGES)
