@@ -22,6 +22,7 @@ from vlm_depth.infer.decoder import (
 )
 from vlm_depth.infer.prefix_attention import shared_prefix_attention_forward
 from vlm_depth.prompts.numbers import format_meters
+from vlm_depth.train.losses import digit_places
 
 NEAR_TIE = 1e-5
 GRAMMAR = NumberGrammar(digit_ids=list(range(100, 110)), point_id=110, decimals=3, max_int_digits=3)
@@ -78,16 +79,17 @@ def test_logits_processor_masks_exactly_the_disallowed_tokens():
 
 
 def test_number_moments_match_hand_computation():
-    # "12.305": digits at places 10, 1, 0.1, 0.01, 0.001 and the point (step 2).
-    choices = np.array([[1, 2, POINT, 3, 0, 5, -1]])
-    means = np.array([[1.0, 2.0, 0.0, 3.5, 0.0, 5.0, 0.0]], dtype=np.float32)
-    variances = np.array([[0.0, 0.25, 0.0, 0.25, 0.0, 0.0, 0.0]], dtype=np.float32)
-    expected, spread = number_moments(choices, means, variances)
-    assert expected[0] == pytest.approx(10 + 2 + 0.35 + 0.005, abs=1e-6)
-    assert spread[0] == pytest.approx(math.sqrt(0.25 + 0.01 * 0.25), abs=1e-6)
+    # "12.305": digits at places 10, 1, 0.1, 0.01, 0.001; the point (step 2) carries no value.
+    places = digit_places([101, 102, 110, 103, 100, 105], list(range(100, 110)), 110)
+    means = np.array([1.0, 2.0, 0.0, 3.5, 0.0, 5.0, 0.0], dtype=np.float32)
+    variances = np.array([0.0, 0.25, 0.0, 0.25, 0.0, 0.0, 0.0], dtype=np.float32)
+    expected, spread = number_moments(places, means, variances)
+    assert expected == pytest.approx(10 + 2 + 0.35 + 0.005, abs=1e-6)
+    assert spread == pytest.approx(math.sqrt(0.25 + 0.01 * 0.25), abs=1e-6)
 
 
-def test_shared_prefix_attention_equals_sdpa_over_concatenated_keys():
+@pytest.mark.parametrize("fused", [True, False])
+def test_shared_prefix_attention_equals_sdpa_over_concatenated_keys(fused):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     class Layer(torch.nn.Module):
@@ -95,13 +97,13 @@ def test_shared_prefix_attention_equals_sdpa_over_concatenated_keys():
 
     torch.manual_seed(0)
     batch, heads, kv_heads, n, own, prefix, dim = 5, 6, 2, 4, 7, 11, 8
-    q = torch.randn(batch, heads, n, dim)
+    q = torch.randn(batch, n, heads, dim).transpose(1, 2)  # strided, as the attention layer passes it
     k, v = torch.randn(batch, kv_heads, own, dim), torch.randn(batch, kv_heads, own, dim)
     pk, pv = torch.randn(1, kv_heads, prefix, dim), torch.randn(1, kv_heads, prefix, dim)
     allowed = torch.rand(batch, 1, n, own) > 0.3
     allowed[..., -1] = True
     mask = torch.zeros(batch, 1, n, own).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    got, _ = shared_prefix_attention_forward(Layer(), q, k, v, mask, prefix_kv=[(pk, pv)])
+    got, _ = shared_prefix_attention_forward(Layer(), q, k, v, mask, prefix_kv=[(pk, pv)], fused=fused)
     full_k = torch.cat([pk.expand(batch, -1, -1, -1), k], dim=2)
     full_v = torch.cat([pv.expand(batch, -1, -1, -1), v], dim=2)
     full_mask = torch.cat([torch.zeros(batch, 1, n, prefix), mask], dim=-1)

@@ -16,7 +16,7 @@ class ReadoutSettings:
     stride: int = _help("Grid stride in pixels (overrides num_queries when > 0).", default=0)
     refine_queries: int = _help("Extra queries at image edges / high uncertainty after the grid.", default=0)
     refine_by: str = _help("What places the extra queries: edges, uncertainty or both.", default="both")
-    max_queries_per_pass: int = _help("Queries decoded together against the cached prefix (memory).", default=256)
+    max_queries_per_pass: int = _help("Queries decoded together against the cached prefix (memory).", default=128)
     packing: str = _help("Decoder layout: batch (a query per row) or packed (a chunk per row).", default="batch")
     refine_keep: bool = _help("Query valid input pixels too and smooth them (default: keep them).", default=False)
 

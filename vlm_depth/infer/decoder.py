@@ -11,11 +11,12 @@ values are kept. Queries are then answered in chunks of at most `max_queries_per
    (digits, one point, exactly `decimals` decimals, no leading zero except "0."); finished queries leave the batch.
    The answer's suffix is implied and never computed.
 
-Two layouts of a chunk are implemented, chosen by `packing`, both with the block mask and per-block M-RoPE
-positions of `vlm_depth.model.packing`: `batch` (default) puts one query per batch row over the prefix cache
-repeated along the batch, so attention costs grow linearly with the chunk; `packed` puts the whole chunk in one
-sequence (batch 1), so every new token's attention spans all blocks of the chunk (quadratic in the chunk size).
-`vlm-depth bench decoder --packing packed|batch` measures both; README gives the figures.
+Every query token attends to the image prefix through `vlm_depth.infer.prefix_attention` (shared-prefix attention:
+the prefix keys and values are stored once and never copied per query); only the query blocks' own tokens live in
+a per-chunk cache, under the block mask and per-block M-RoPE positions of `vlm_depth.model.packing`. Two layouts of
+a chunk are implemented (`packing`): `batch` (default) puts one query per batch row, so the blocks' own attention
+grows linearly with the chunk; `packed` puts the whole chunk in one row (batch 1), so every token's own attention
+spans all blocks of the chunk (quadratic). `vlm-depth bench decoder --packing packed|batch` measures both (README).
 
 Per query the decoder returns the greedy value (meters, parsed with `parse_meters`), the expected value and a
 spread from the digit distributions along the greedy path (see `number_moments`), and flags; it never raises on a
@@ -27,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -39,6 +40,7 @@ from vlm_depth.infer.prefix_attention import shared_prefix_attention
 from vlm_depth.model.packing import PAD, block_attention_mask, with_block_positions
 from vlm_depth.prompts.chat import ChatLayout, QueryTokens
 from vlm_depth.prompts.numbers import format_meters, parse_meters
+from vlm_depth.train.losses import digit_places
 
 logger = logging.getLogger(__name__)
 
@@ -133,23 +135,18 @@ def digit_moments(digit_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return mean, ((probs * digits**2).sum(-1) - mean**2).clamp(min=0)
 
 
-def number_moments(choices: np.ndarray, means: np.ndarray, variances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Expected value and spread (meters) of decoded numbers from their digit distributions.
+def number_moments(places: Sequence[float], means: np.ndarray, variances: np.ndarray) -> tuple[float, float]:
+    """Expected value and spread (meters) of one decoded number from its digit distributions.
 
-    choices, means, variances: (n, steps) per decoding step (choice -1 = no step). A digit at place 10^k contributes
+    places: place value of each decoded token (`vlm_depth.train.losses.digit_places`: 10, 1, 0 for the point, 0.1,
+    ...); means, variances: (tokens,) E[digit] and Var[digit] at each step. A digit at place 10^k contributes
     10^k * E[digit] to the expected value and 10^2k * Var[digit] to the variance (positions taken as independent,
-    each distribution conditioned on the greedy digits before it, like the numeric training loss). The spread is the
-    square root of that variance; it does not cover doubt about the number of integer digits.
+    each distribution conditioned on the greedy digits before it, as in the numeric training loss). The spread is
+    the square root of that variance; it does not cover doubt about the number of integer digits.
     """
-    is_digit = (choices >= 0) & (choices < POINT)
-    has_point = (choices == POINT).any(axis=1, keepdims=True)
-    point_at = np.where(has_point, np.argmax(choices == POINT, axis=1)[:, None], choices.shape[1])
-    step = np.arange(choices.shape[1])[None, :]
-    exponent = np.where(step < point_at, point_at - 1 - step, point_at - step).astype(np.float64)
-    place = np.where(is_digit, 10.0**exponent, 0.0)
-    expected = (place * means).sum(axis=1)
-    spread = np.sqrt((place**2 * variances).sum(axis=1))
-    return expected.astype(np.float32), spread.astype(np.float32)
+    places = np.asarray(places, dtype=np.float64)
+    expected = float(places @ means[: len(places)])
+    return expected, float(np.sqrt(places**2 @ variances[: len(places)]))
 
 
 @dataclass
@@ -197,6 +194,7 @@ class PrefixCache:
     text_start: int
     image_embeds: torch.Tensor
     image_grid_thw: torch.Tensor
+    extended: dict[tuple[int, ...], PrefixCache] = field(default_factory=dict, repr=False)  # by shared block text
 
 
 @dataclass
@@ -235,13 +233,16 @@ def _answers_from_steps(
     flags: np.ndarray,
     margin: np.ndarray,
 ) -> QueryAnswers:
-    expected, spread = number_moments(choices, means, variances)
-    values = np.full(len(choices), np.nan, dtype=np.float32)
+    """Per-step records (n, steps) (choice -1 = no step) -> answers: text parsed by `parse_meters`, moments."""
+    n = len(choices)
+    values, expected, spread = (np.full(n, np.nan, dtype=np.float32) for _ in range(3))
     tokens = []
     choice_ids = grammar.choice_ids.tolist()
+    digit_ids, point_id = choice_ids[:POINT], choice_ids[POINT]
     for i, row in enumerate(choices):
         picked = [int(c) for c in row if c >= 0]
         tokens.append([choice_ids[c] for c in picked])
+        expected[i], spread[i] = number_moments(digit_places(tokens[-1], digit_ids, point_id), means[i], variances[i])
         parsed = parse_meters(grammar.text(picked))
         if parsed.ok:
             values[i] = parsed.value
@@ -264,7 +265,7 @@ class QueryDecoder:
         model,
         layout: ChatLayout,
         *,
-        max_queries_per_pass: int = 256,
+        max_queries_per_pass: int = 128,
         packing: Packing = "batch",
         share_common_prefix: bool = True,
     ) -> None:
@@ -281,7 +282,7 @@ class QueryDecoder:
         self.max_queries_per_pass = max_queries_per_pass
         self.packing = packing
         self.share_common_prefix = share_common_prefix
-        self.pad_id = layout.tokenizer.pad_token_id
+        self.pad_id = layout.tokenizer.pad_token_id or 0  # padding is masked; any id will do
         self.pointer_id = getattr(model, "pointer_token_id", None)
 
     @property
@@ -394,12 +395,15 @@ class QueryDecoder:
         return out.logits.reshape(-1, out.logits.shape[-1])
 
     def _extend(self, prefix: PrefixCache, token_ids: Sequence[int]) -> PrefixCache:
-        """The prefix followed by `token_ids` (text shared by a chunk's blocks, no pointer), encoded once at the
-        positions those tokens have inside every block: blocks then see exactly what they would see alone."""
+        """The prefix followed by `token_ids` (text shared by a chunk's blocks, no pointer), encoded once per image
+        (memoised in `prefix.extended`) at the positions those tokens have inside every block: blocks then see
+        exactly what they would see alone."""
         from transformers import DynamicCache
 
         if not token_ids:
             return prefix
+        if tuple(token_ids) in prefix.extended:
+            return prefix.extended[tuple(token_ids)]
         n = len(token_ids)
         ids = torch.tensor([list(token_ids)], device=self.device)
         positions = (prefix.text_start + torch.arange(n, device=self.device)).view(1, 1, n).expand(3, 1, n)
@@ -410,9 +414,11 @@ class QueryDecoder:
             (torch.cat([k, layer.keys], dim=2), torch.cat([v, layer.values], dim=2))
             for (k, v), layer in zip(prefix.key_values, cache.layers)
         ]
-        return PrefixCache(
+        extended = PrefixCache(
             key_values, prefix.length + n, prefix.text_start + n, prefix.image_embeds, prefix.image_grid_thw
         )
+        prefix.extended[tuple(token_ids)] = extended
+        return extended
 
     def _first_pass_inputs(self, rests: list[list[int]], text_start: int) -> tuple[torch.Tensor, ...]:
         """Token ids (B, L), positions (3, B, L), segment ids (B, L) and the logits mask (B, L) of a chunk's first
