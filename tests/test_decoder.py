@@ -147,9 +147,9 @@ def _query_set(processor, layout, n: int, seed: int):
 def test_fast_decoder_equals_naive_generate_per_pixel(trained, mode, record_property):
     model, processor = load_checkpoint(str(trained(mode)), "cpu")
     layout = chat_layout(model, processor.tokenizer)
-    inputs, queries, kinds = _query_set(processor, layout, 128, seed=7)
-    assert len(queries) == 128 and kinds.count("keep") == kinds.count("fill") == 64
-    decoder = QueryDecoder(model, layout, max_queries_per_pass=50)  # 3 chunks, the last one partial
+    inputs, queries, kinds = _query_set(processor, layout, 256, seed=7)
+    assert len(queries) == 256 and kinds.count("keep") == kinds.count("fill") == 128
+    decoder = QueryDecoder(model, layout, max_queries_per_pass=100)  # 3 chunks, the last one partial
     fast = decoder.decode(decoder.encode_prefix(inputs), queries)
     naive = decode_naive(model, layout, inputs, queries)
     ties = naive.margin < NEAR_TIE
@@ -181,3 +181,17 @@ def test_layouts_and_prefix_sharing_give_the_same_answers(trained):
         near = np.minimum(reference.margin, other.margin) < NEAR_TIE
         assert all(a == b for a, b, tie in zip(reference.tokens, other.tokens, near) if not tie)
         np.testing.assert_allclose(other.expected, reference.expected, atol=1e-3)
+
+
+def test_bench_decoder_reports_speed_and_identical_answers(trained, capsys):
+    import json
+
+    from vlm_depth.cli import main
+
+    argv = ["bench", "decoder", "--model", str(trained("coords")), "--num_queries", "12", "--repeats", "1"]
+    assert main([*argv, "--height", "48", "--width", "64"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    keys = {"n_queries", "naive_pixels_per_s", "fast_pixels_per_s", "speedup", "overhead_vs_forward", "identical"}
+    assert keys <= set(result) and result["n_queries"] == 12 and result["identical"] is True
+    assert result["speedup"] == pytest.approx(result["fast_pixels_per_s"] / result["naive_pixels_per_s"])
+    assert all(result["seconds"][k] > 0 for k in ("naive", "fast", "prefix", "decode", "forward"))
