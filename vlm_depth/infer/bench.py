@@ -15,7 +15,6 @@ allowed logits within 1e-5 at a decoded position; counted in `near_ties`).
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -26,8 +25,6 @@ from vlm_depth.config import BenchConfig
 from vlm_depth.errors import ConfigError
 from vlm_depth.infer.complete import chat_layout, load_checkpoint, pixel_queries
 from vlm_depth.infer.decoder import QueryDecoder, decode_naive
-
-logger = logging.getLogger(__name__)
 
 NEAR_TIE = 1e-5
 

@@ -140,15 +140,22 @@ def query_readout(
             decoder.decode(prefix, pixel_queries(layout, processor, sparse, extra_rows, extra_cols), progress), model
         )
         rows, cols = np.concatenate([rows, extra_rows]), np.concatenate([cols, extra_cols])
-        answers = _concat_answers(answers, extra)
+        answers = QueryAnswers.concat([answers, extra])
         timings["refine_decode_s"] = time.perf_counter() - start
         start = time.perf_counter()
         depth, uncertainty = assemble(
             rgb, sparse, rows, cols, answers.value, answers.spread, radius=stride, keep_input=keep
         )
         timings["assemble_s"] += time.perf_counter() - start
-    stats = {"stride": stride, **answers.counts(), "timings": timings}
-    return ReadoutOutput(depth, uncertainty, stats)
+    counts = answers.counts()
+    if counts["unparseable"] or counts["clipped"]:
+        logger.warning(
+            "%d of %d answers unparseable (no prediction), %d clipped",
+            counts["unparseable"],
+            counts["queries"],
+            counts["clipped"],
+        )
+    return ReadoutOutput(depth, uncertainty, {"stride": stride, **counts, "timings": timings})
 
 
 @register_readout("mdm")
@@ -178,11 +185,6 @@ def _within_range(answers: QueryAnswers, model) -> QueryAnswers:
     answers.value = np.minimum(answers.value, np.float32(limit))
     answers.expected = np.minimum(answers.expected, np.float32(limit))
     return answers
-
-
-def _concat_answers(a: QueryAnswers, b: QueryAnswers) -> QueryAnswers:
-    arrays = ("value", "expected", "spread", "flags", "margin")
-    return QueryAnswers(*(np.concatenate([getattr(a, f), getattr(b, f)]) for f in arrays), a.tokens + b.tokens)
 
 
 def _refuse_all_nan(depth: np.ndarray, name: str) -> None:

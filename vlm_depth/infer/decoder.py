@@ -25,7 +25,6 @@ strange answer.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,13 +41,12 @@ from vlm_depth.prompts.chat import ChatLayout, QueryTokens
 from vlm_depth.prompts.numbers import format_meters, parse_meters
 from vlm_depth.train.losses import digit_places
 
-logger = logging.getLogger(__name__)
-
 Packing = Literal["batch", "packed"]
 
 # Per-query flags (bit mask).
 FLAG_FORCED = 1  # at some number position the model's top token over the whole vocabulary broke the grammar
-FLAG_CLIPPED = 2  # the integer part reached its maximum length while the model wanted another digit
+FLAG_CLIPPED = 2  # the integer part hit its maximum length while the model wanted another digit (or, set by the
+# readout, the value exceeded the checkpoint's max_depth)
 FLAG_UNPARSEABLE = 4  # the decoded text did not parse (value is NaN); cannot happen under the grammar
 
 POINT = 10  # choice index of the decimal point; choices 0-9 are the digits
@@ -174,6 +172,17 @@ class QueryAnswers:
             self.margin[index],
             [self.tokens[i] for i in index],
         )
+
+    @staticmethod
+    def concat(parts: Sequence[QueryAnswers]) -> QueryAnswers:
+        """The answers of `parts`, one after the other."""
+        if not parts:
+            empty = np.zeros(0, dtype=np.float32)
+            return QueryAnswers(empty, empty, empty, np.zeros(0, np.uint8), empty, [])
+        arrays = (
+            np.concatenate([getattr(p, f) for p in parts]) for f in ("value", "expected", "spread", "flags", "margin")
+        )
+        return QueryAnswers(*arrays, [t for p in parts for t in p.tokens])
 
     def counts(self) -> dict[str, int]:
         return {
@@ -341,13 +350,7 @@ class QueryDecoder:
         with shared_prefix_attention(self.model):
             for start in tqdm(chunks, desc="query chunks", unit="chunk", disable=not progress, leave=False):
                 parts.append(self._decode_chunk(prefix, unique[start : start + self.max_queries_per_pass]))
-        if not parts:
-            empty = np.zeros(0, dtype=np.float32)
-            return QueryAnswers(empty, empty, empty, np.zeros(0, np.uint8), empty, [])
-        arrays = ("value", "expected", "spread", "flags", "margin")
-        merged = QueryAnswers(
-            *(np.concatenate([getattr(p, f) for p in parts]) for f in arrays), [t for p in parts for t in p.tokens]
-        )
+        merged = QueryAnswers.concat(parts)
         return merged.select(np.array([where[key] for key in keys], dtype=np.int64))
 
     @torch.no_grad()
