@@ -123,7 +123,7 @@ def test_refinement_pixels_go_to_image_edges():
     assert len(rows) == 20 and edge_band[rows, cols].all()
 
 
-def test_complete_keeps_input_handles_monocular_and_lower_resolution_depth(trained):
+def test_complete_keeps_input_handles_monocular_lower_resolution_and_refinement(trained):
     model, processor = load_checkpoint(str(trained), "cpu")
     rgb, gt = scene(48, 64, seed=11)
     settings = ReadoutSettings(stride=4)
@@ -149,6 +149,13 @@ def test_complete_keeps_input_handles_monocular_and_lower_resolution_depth(train
     lowres = complete(model, processor, rgb, low, settings=settings)
     assert lowres.depth.shape == gt.shape
     np.testing.assert_array_equal(lowres.depth[up > 0], up[up > 0])
+
+    refined = complete(model, processor, rgb, sparse, settings=ReadoutSettings(stride=4, refine_queries=10))
+    assert refined.stats["queries"] == result.stats["queries"] + 10 and "refine_decode_s" in refined.stats["timings"]
+    np.testing.assert_array_equal(refined.depth[valid], sparse[valid])
+    smoothed = complete(model, processor, rgb, sparse, settings=ReadoutSettings(stride=4, refine_keep=True))
+    assert smoothed.stats["queries"] == len(query_grid(gt.shape, 4)[0])  # keep pixels are asked too
+    assert not np.array_equal(smoothed.depth[valid], sparse[valid])
 
     predict = make_predictor(str(trained), settings=settings, device="cpu")
     depth, uncertainty = predict(rgb, sparse)
