@@ -117,35 +117,33 @@ def query_readout(
 
     stride = settings.stride or stride_for_budget(sparse.shape, settings.num_queries)
     keep = not settings.refine_keep
-    rows, cols = cell_pixels(~valid if keep else np.ones_like(valid), stride)
-    start = time.perf_counter()
-    answers = _within_range(
-        decoder.decode(prefix, pixel_queries(layout, processor, sparse, rows, cols), progress), model
-    )
-    timings["decode_s"] = time.perf_counter() - start
+    askable = ~valid if keep else np.ones_like(valid)
+
+    def ask(rows: np.ndarray, cols: np.ndarray) -> QueryAnswers:
+        queries = pixel_queries(layout, processor, sparse, rows, cols)
+        return _within_range(decoder.decode(prefix, queries, progress), model)
+
+    def fill(rows: np.ndarray, cols: np.ndarray, answers: QueryAnswers) -> tuple[np.ndarray, np.ndarray]:
+        return assemble(rgb, sparse, rows, cols, answers.value, answers.spread, radius=stride, keep_input=keep)
 
     start = time.perf_counter()
-    depth, uncertainty = assemble(
-        rgb, sparse, rows, cols, answers.value, answers.spread, radius=stride, keep_input=keep
-    )
+    rows, cols = cell_pixels(askable, stride)
+    answers = ask(rows, cols)
+    timings["decode_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    depth, uncertainty = fill(rows, cols, answers)
     timings["assemble_s"] = time.perf_counter() - start
     if settings.refine_queries > 0:
         start = time.perf_counter()
-        candidates = ~valid if keep else np.ones_like(valid)
-        candidates[rows, cols] = False
+        askable[rows, cols] = False
         extra_rows, extra_cols = refinement_pixels(
-            rgb, uncertainty, depth, candidates, stride, settings.refine_queries, settings.refine_by
+            rgb, uncertainty, depth, askable, stride, settings.refine_queries, settings.refine_by
         )
-        extra = _within_range(
-            decoder.decode(prefix, pixel_queries(layout, processor, sparse, extra_rows, extra_cols), progress), model
-        )
+        answers = QueryAnswers.concat([answers, ask(extra_rows, extra_cols)])
         rows, cols = np.concatenate([rows, extra_rows]), np.concatenate([cols, extra_cols])
-        answers = QueryAnswers.concat([answers, extra])
         timings["refine_decode_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        depth, uncertainty = assemble(
-            rgb, sparse, rows, cols, answers.value, answers.spread, radius=stride, keep_input=keep
-        )
+        depth, uncertainty = fill(rows, cols, answers)
         timings["assemble_s"] += time.perf_counter() - start
     counts = answers.counts()
     if counts["unparseable"] or counts["clipped"]:
