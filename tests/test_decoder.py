@@ -21,8 +21,8 @@ from vlm_depth.infer.decoder import (
     number_moments,
 )
 from vlm_depth.infer.prefix_attention import shared_prefix_attention_forward
+from vlm_depth.prompts.digits import digit_places
 from vlm_depth.prompts.numbers import format_meters
-from vlm_depth.train.losses import digit_places
 
 NEAR_TIE = 1e-5
 GRAMMAR = NumberGrammar(digit_ids=list(range(100, 110)), point_id=110, decimals=3, max_int_digits=3)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from vlm_depth.prompts.digits import digit_places
 from vlm_depth.train.losses import (
-    digit_places,
     expected_digits,
     expected_numbers,
     per_query_mean,

@@ -72,8 +72,6 @@ def register_readout(name: str) -> Callable[[Readout], Readout]:
 
 def chat_layout(model, tokenizer) -> ChatLayout:
     """The `ChatLayout` of a DepthVLM checkpoint: its template, query mode, decimals and pointer token."""
-    from vlm_depth.prompts.textualize import PromptTemplate, Textualizer
-
     cfg = model.depth_cfg
     if cfg.query_mode == "pointer":
         token_id = tokenizer.convert_tokens_to_ids(cfg.pointer_token)
@@ -82,8 +80,7 @@ def chat_layout(model, tokenizer) -> ChatLayout:
                 f"pointer mode: the tokenizer's {cfg.pointer_token} ({token_id}) is not the model's pointer token "
                 f"({model.pointer_token_id}); load the checkpoint with its own processor"
             )
-    textualizer = Textualizer(PromptTemplate.load(cfg.template), cfg.query_mode, cfg.decimals, cfg.pointer_token)
-    return ChatLayout(tokenizer, textualizer)
+    return ChatLayout.from_branch_config(tokenizer, cfg)
 
 
 def pixel_queries(

@@ -38,8 +38,8 @@ from vlm_depth.errors import ConfigError, ModelError
 from vlm_depth.infer.prefix_attention import shared_prefix_attention
 from vlm_depth.model.packing import PAD, block_attention_mask, with_block_positions
 from vlm_depth.prompts.chat import ChatLayout, QueryTokens
+from vlm_depth.prompts.digits import digit_moments, digit_places
 from vlm_depth.prompts.numbers import format_meters, parse_meters
-from vlm_depth.train.losses import digit_places
 
 Packing = Literal["batch", "packed"]
 
@@ -125,18 +125,10 @@ class NumberGrammar:
         return lookup[token_ids]
 
 
-def digit_moments(digit_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and variance of a digit under softmax over the 10 digit logits (..., 10) (the point excluded)."""
-    probs = digit_logits.float().softmax(dim=-1)
-    digits = torch.arange(10, dtype=torch.float32, device=probs.device)
-    mean = (probs * digits).sum(-1)
-    return mean, ((probs * digits**2).sum(-1) - mean**2).clamp(min=0)
-
-
 def number_moments(places: Sequence[float], means: np.ndarray, variances: np.ndarray) -> tuple[float, float]:
     """Expected value and spread (meters) of one decoded number from its digit distributions.
 
-    places: place value of each decoded token (`vlm_depth.train.losses.digit_places`: 10, 1, 0 for the point, 0.1,
+    places: place value of each decoded token (`vlm_depth.prompts.digits.digit_places`: 10, 1, 0 for the point, 0.1,
     ...); means, variances: (tokens,) E[digit] and Var[digit] at each step. A digit at place 10^k contributes
     10^k * E[digit] to the expected value and 10^2k * Var[digit] to the variance (positions taken as independent,
     each distribution conditioned on the greedy digits before it, as in the numeric training loss). The spread is

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 from vlm_depth.prompts.numbers import format_meters
-from vlm_depth.prompts.textualize import Query, Textualizer
+from vlm_depth.prompts.textualize import PromptTemplate, Query, Textualizer
 
 DIGITS = "0123456789"
 
@@ -49,6 +49,15 @@ class ChatLayout:
         self._turn_switch = self._encode("<|im_end|>\n<|im_start|>assistant\n")
         self._answer_prefix = self._encode(textualizer.answer_prefix())
         self._answer_suffix = self._encode(textualizer.answer_suffix() + "<|im_end|>")
+
+    @classmethod
+    def from_branch_config(cls, tokenizer, depth_cfg) -> ChatLayout:
+        """The layout a checkpoint was trained with: template, query mode, decimals and pointer token of its
+        `DepthBranchConfig`."""
+        textualizer = Textualizer(
+            PromptTemplate.load(depth_cfg.template), depth_cfg.query_mode, depth_cfg.decimals, depth_cfg.pointer_token
+        )
+        return cls(tokenizer, textualizer)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []

@@ -85,7 +85,6 @@ def _timed(fn, batches: list[Batch]) -> tuple[float, list[torch.Tensor]]:
 def bench_train(cfg: BenchConfig) -> dict[str, Any]:
     """Measure K = 1 vs K = `train_k` training throughput on `cfg.model`; returns the JSON summary."""
     from vlm_depth.prompts.chat import ChatLayout
-    from vlm_depth.prompts.textualize import PromptTemplate, Textualizer
     from vlm_depth.train.config import TrainConfig
     from vlm_depth.train.loop import load_model, set_max_pixels
 
@@ -96,10 +95,7 @@ def bench_train(cfg: BenchConfig) -> dict[str, Any]:
     model, processor = load_model(TrainConfig(model=cfg.model, finetune="lora", seed=cfg.seed))
     model.eval()
     set_max_pixels(processor, max(processor.image_processor.size["longest_edge"], cfg.height * cfg.width))
-    d = model.depth_cfg
-    layout = ChatLayout(
-        processor.tokenizer, Textualizer(PromptTemplate.load(d.template), d.query_mode, d.decimals, d.pointer_token)
-    )
+    layout = ChatLayout.from_branch_config(processor.tokenizer, model.depth_cfg)
     builder = ExampleBuilder(processor, layout, QuerySpec())
     digit_ids = torch.tensor(layout.digit_ids)
     pad = processor.tokenizer.pad_token_id

@@ -27,9 +27,10 @@ from vlm_depth.data.sample import RGBDSample
 from vlm_depth.errors import DataError
 from vlm_depth.model.packing import PAD, PREFIX
 from vlm_depth.prompts.chat import ChatLayout
+from vlm_depth.prompts.digits import digit_places
 from vlm_depth.prompts.numbers import format_meters
 from vlm_depth.prompts.textualize import Query, select_queries
-from vlm_depth.train.losses import IGNORE_INDEX, digit_places
+from vlm_depth.train.losses import IGNORE_INDEX
 from vlm_depth.train.mdm import MDMSpec, mdm_fields
 
 Batch = dict[str, torch.Tensor]

@@ -275,7 +275,6 @@ def setup(cfg: TrainConfig) -> Run:
     from accelerate.utils import set_seed
 
     from vlm_depth.prompts.chat import ChatLayout
-    from vlm_depth.prompts.textualize import PromptTemplate, Textualizer
     from vlm_depth.train.data import PackedQueryStream
 
     accelerator = make_accelerator(cfg)
@@ -285,11 +284,7 @@ def setup(cfg: TrainConfig) -> Run:
     if accelerator.is_main_process:
         save_config(cfg.out, cfg)
     model, processor = load_model(cfg, accelerator)
-    depth_cfg = model.depth_cfg
-    textualizer = Textualizer(
-        PromptTemplate.load(depth_cfg.template), depth_cfg.query_mode, depth_cfg.decimals, depth_cfg.pointer_token
-    )
-    layout = ChatLayout(processor.tokenizer, textualizer)
+    layout = ChatLayout.from_branch_config(processor.tokenizer, model.depth_cfg)
     spec = QuerySpec(
         cfg.label_source, cfg.num_queries, cfg.keep_ratio, cfg.holdout_ratio, cfg.sampling, cfg.protocol, mdm_spec(cfg)
     )

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vlm_depth.prompts.digits import digit_moments
+
 IGNORE_INDEX = -100
 
 
@@ -53,8 +55,7 @@ def per_query_mean(values: torch.Tensor, query_index: torch.Tensor, num_queries:
 
 def expected_digits(logits: torch.Tensor, digit_ids: torch.Tensor) -> torch.Tensor:
     """E[digit] (N,) under the softmax restricted to the ten digit tokens; logits (N, V), digit_ids (10,) for 0..9."""
-    probs = torch.softmax(logits.float().index_select(-1, digit_ids), dim=-1)
-    return probs @ torch.arange(10, dtype=probs.dtype, device=probs.device)
+    return digit_moments(logits.index_select(-1, digit_ids))[0]
 
 
 def expected_numbers(
@@ -71,21 +72,6 @@ def expected_numbers(
     contrib = places[is_digit].float() * expected_digits(logits[is_digit], digit_ids)
     out = torch.zeros(num_queries, dtype=contrib.dtype, device=contrib.device)
     return out.index_add_(0, query_index[is_digit], contrib)
-
-
-def digit_places(number_ids: list[int], digit_ids: list[int], point_id: int) -> list[float]:
-    """Place value of every token of a number written one character per token ("12.345" -> 10, 1, 0, .1, .01,
-    .001); 0 for the point."""
-    point = number_ids.index(point_id) if point_id in number_ids else len(number_ids)
-    places = []
-    for i, token in enumerate(number_ids):
-        if token == point_id:
-            places.append(0.0)
-        elif token in digit_ids:
-            places.append(10.0 ** (point - 1 - i) if i < point else 10.0 ** (point - i))
-        else:
-            raise ValueError(f"token {token} of a number is neither a digit nor the point")
-    return places
 
 
 @dataclass
