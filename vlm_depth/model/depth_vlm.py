@@ -76,6 +76,20 @@ class DepthBranch(nn.Module):
         self.mdm_head = build_mdm_head(cfg, vision_config) if cfg.mdm_head else None
 
 
+def load_exact_state(module: nn.Module, path: Path, expected: set[str], mismatch: str) -> None:
+    """Load the safetensors file `path` into `module` (non-strict); its tensor names must be exactly `expected`,
+    else ModelError naming the file, `mismatch` saying what it should have matched."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ModelError(f"{path.parent}: no {path.name}")
+    state = load_file(str(path))
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ModelError(f"{path}: {mismatch} (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    module.load_state_dict(state, strict=False)
+
+
 class DepthVLM(Qwen2_5_VLForConditionalGeneration):
     """Qwen2.5-VL whose `forward`/`generate` also take `depth_values` (aligned to `pixel_values`, meters) and, in
     pointer mode, `pointer_xy`. Without them it computes exactly what Qwen2.5-VL computes."""
@@ -409,20 +423,12 @@ class DepthVLM(Qwen2_5_VLForConditionalGeneration):
 
     def load_branch(self, folder: str | Path) -> None:
         """Load `depth_branch.safetensors` from `folder`; every branch tensor must be present, nothing else."""
-        from safetensors.torch import load_file
-
-        path = Path(folder) / BRANCH_FILE
-        if not path.is_file():
-            raise ModelError(f"{folder}: no {BRANCH_FILE}")
-        state = load_file(str(path))
-        expected = set(self.branch_state_dict())
-        missing, unexpected = expected - set(state), set(state) - expected
-        if missing or unexpected:
-            raise ModelError(
-                f"{path}: does not match the branch of vlm_depth_config.json "
-                f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
-            )
-        self.load_state_dict(state, strict=False)
+        load_exact_state(
+            self,
+            Path(folder) / BRANCH_FILE,
+            set(self.branch_state_dict()),
+            "does not match the branch of vlm_depth_config.json",
+        )
 
     @classmethod
     def from_pretrained(

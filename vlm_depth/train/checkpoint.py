@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from vlm_depth.errors import ConfigError, ModelError
+from vlm_depth.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -71,20 +71,14 @@ def training_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_training_weights(model: torch.nn.Module, folder: str | Path) -> None:
     """Load `training_weights.safetensors` into `model`; every trainable tensor must be there (and nothing else)."""
-    from safetensors.torch import load_file
+    from vlm_depth.model.depth_vlm import load_exact_state
 
-    path = Path(folder) / WEIGHTS_FILE
-    if not path.is_file():
-        raise ModelError(f"{folder}: no {WEIGHTS_FILE}")
-    state = load_file(str(path))
-    expected = set(training_state_dict(model))
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise ModelError(
-            f"{path}: does not match this run's trainable weights (missing {sorted(missing)[:3]}, unexpected "
-            f"{sorted(unexpected)[:3]}); resume with the same model and finetune settings"
-        )
-    model.load_state_dict(state, strict=False)
+    load_exact_state(
+        model,
+        Path(folder) / WEIGHTS_FILE,
+        set(training_state_dict(model)),
+        "does not match this run's trainable weights; resume with the same model and finetune settings",
+    )
 
 
 def register_weight_hooks(accelerator, model: torch.nn.Module) -> None:
