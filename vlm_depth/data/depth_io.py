@@ -51,10 +51,17 @@ def _array_to_meters(values: np.ndarray, scale: float | None, path: Path) -> np.
     raise DataError(f"{path}: unsupported depth dtype {values.dtype}")
 
 
-def _read_depth_image(path: Path, scale: float | None) -> np.ndarray:
+def _imread(path: Path) -> np.ndarray:
+    """The image file as stored (bit depth and channels unchanged, BGR order); DataError naming the file."""
+    _require_file(path)
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise DataError(f"{path}: cannot decode the image")
+    return image
+
+
+def _read_depth_image(path: Path, scale: float | None) -> np.ndarray:
+    image = _imread(path)
     if image.ndim == 3 and image.shape[2] > 1:
         raise DataError(
             f"{path}: depth image has {image.shape[2]} channels; a colour(-mapped) image is a visualisation, "
@@ -166,10 +173,7 @@ def write_depth_npy(path: str | Path, depth_m: np.ndarray) -> Path:
 def read_rgb(path: str | Path) -> np.ndarray:
     """Read an 8-bit image as (H, W, 3) uint8 RGB (grayscale is replicated, alpha dropped, EXIF rotation ignored)."""
     path = Path(path)
-    _require_file(path)
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise DataError(f"{path}: cannot decode the image")
+    image = _imread(path)
     if image.dtype != np.uint8:
         raise DataError(f"{path}: RGB image must be 8-bit, got {image.dtype} (a depth map passed as RGB?)")
     if image.ndim == 2:
@@ -192,10 +196,7 @@ def write_rgb(path: str | Path, rgb: np.ndarray) -> Path:
 def read_label_png(path: str | Path) -> np.ndarray:
     """Read a single-channel 8/16-bit label or mask image (e.g. material ids) as (H, W) integers."""
     path = Path(path)
-    _require_file(path)
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise DataError(f"{path}: cannot decode the image")
+    image = _imread(path)
     if image.ndim != 2:
         raise DataError(f"{path}: a label map must be single-channel, got shape {image.shape}")
     return image
