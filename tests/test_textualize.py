@@ -236,30 +236,32 @@ def test_bad_selection_settings_raise_config_error(bad):
         select_queries(_sparse_input(0), None, **{**kwargs, **bad})
 
 
+def _share_of_queries(depth, gt, sampling: str, predicate) -> float:
+    """Share of GT-labelled fill queries (100 per draw, 10 seeds) for which `predicate(query)` holds."""
+    hits = []
+    for seed in range(10):
+        _, queries = select_queries(
+            depth,
+            gt,
+            label_source="gt",
+            n_queries=100,
+            keep_ratio=0.0,
+            holdout_ratio=0.0,
+            sampling=sampling,
+            rng=np.random.default_rng(seed),
+        )
+        hits += [predicate(q) for q in queries]
+    return float(np.mean(hits))
+
+
 def test_depth_stratified_sampling_balances_near_and_far_pixels():
     rng = np.random.default_rng(0)
     gt = np.full((64, 64), 1.0, np.float32)
     gt[rng.random(gt.shape) < 0.05] = 20.0  # 5 % far pixels
     depth = np.zeros_like(gt)
 
-    def far_share(sampling: str) -> float:
-        far = []
-        for seed in range(10):
-            _, queries = select_queries(
-                depth,
-                gt,
-                label_source="gt",
-                n_queries=100,
-                keep_ratio=0.0,
-                holdout_ratio=0.0,
-                sampling=sampling,
-                rng=np.random.default_rng(seed),
-            )
-            far += [q.label > 10 for q in queries]
-        return float(np.mean(far))
-
-    assert far_share("uniform") < 0.1
-    assert far_share("depth_stratified") > 0.35
+    assert _share_of_queries(depth, gt, "uniform", lambda q: q.label > 10) < 0.1
+    assert _share_of_queries(depth, gt, "depth_stratified", lambda q: q.label > 10) > 0.35
 
 
 def test_distance_sampling_favours_pixels_far_from_the_input():
@@ -269,21 +271,8 @@ def test_distance_sampling_favours_pixels_far_from_the_input():
     far_from_input = np.zeros(gt.shape, bool)
     far_from_input[:, 48:] = True
 
-    def far_share(sampling: str) -> float:
-        far = []
-        for seed in range(10):
-            _, queries = select_queries(
-                depth,
-                gt,
-                label_source="gt",
-                n_queries=100,
-                keep_ratio=0.0,
-                holdout_ratio=0.0,
-                sampling=sampling,
-                rng=np.random.default_rng(seed),
-            )
-            far += [far_from_input[q.y, q.x] for q in queries]
-        return float(np.mean(far))
+    def far(q) -> bool:
+        return far_from_input[q.y, q.x]
 
-    uniform, distance = far_share("uniform"), far_share("distance")
+    uniform, distance = _share_of_queries(depth, gt, "uniform", far), _share_of_queries(depth, gt, "distance", far)
     assert distance > uniform + 0.15
