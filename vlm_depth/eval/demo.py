@@ -206,12 +206,11 @@ def verdict(results: Sequence[Mapping[str, Any]], models: Sequence[str]) -> list
 def plot_training_curve(log_path: Path, path: Path) -> Path | None:
     """Training cross-entropy and teacher-forced numeric MAE (m, with a 10-step running mean) per step from a
     `vlm-depth train` log.jsonl, with the validation rows' greedy MAE as points; None without training rows."""
-    import matplotlib
     import numpy as np
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from vlm_depth.eval.report import pyplot, save_figure
 
+    plt = pyplot()
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     train = [r for r in rows if r.get("split", "train") == "train"]
     val = [r for r in rows if r.get("split") == "val" and r.get("val_mae") is not None]
@@ -233,11 +232,7 @@ def plot_training_curve(log_path: Path, path: Path) -> Path | None:
     ax_mae.legend(fontsize=8)
     for ax in (ax_loss, ax_mae):
         ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def machine() -> dict[str, Any]:

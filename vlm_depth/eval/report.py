@@ -166,13 +166,30 @@ def comparison_rows(results: Sequence[Mapping[str, Any]], pairs: Iterable[tuple[
     return rows
 
 
-def plot_mae_vs_density(path: str | Path, results: Sequence[Mapping[str, Any]]) -> Path | None:
-    """MAE (m) against the mean input density (% of pixels, log scale), one line per method and one panel per
-    dataset with at least two input densities; None (nothing written) when no dataset has two."""
+def pyplot():
+    """`matplotlib.pyplot` on the non-interactive Agg backend: reports are files, never windows."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path, dpi: int) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; returns the path."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
+def plot_mae_vs_density(path: str | Path, results: Sequence[Mapping[str, Any]]) -> Path | None:
+    """MAE (m) against the mean input density (% of pixels, log scale), one line per method and one panel per
+    dataset with at least two input densities; None (nothing written) when no dataset has two."""
+    plt = pyplot()
 
     datasets = _group(results, ("dataset_name",))
     plotted = {name: rs for (name,), rs in datasets.items() if len({r["input_density"] for r in rs}) >= 2}
@@ -191,12 +208,7 @@ def plot_mae_vs_density(path: str | Path, results: Sequence[Mapping[str, Any]]) 
         ax.set_title(name)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def save_compare_panel(
@@ -213,8 +225,7 @@ def save_compare_panel(
     evaluated (meters)."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     reference = gt[mask] if mask.any() else pred[np.isfinite(pred)]
     vmin, vmax = (float(v) for v in np.percentile(reference, (2, 98))) if reference.size else (0.0, 1.0)
@@ -251,12 +262,7 @@ def save_compare_panel(
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=80)
 
 
 def _cell_notes(results: Sequence[Mapping[str, Any]]) -> list[str]:
