@@ -17,6 +17,7 @@ import numpy as np
 
 from vlm_depth.data.sample import Intrinsics, sanitize_depth
 from vlm_depth.errors import ConfigError, DataError
+from vlm_depth.prompts.masks import valid_mask
 
 UINT16_MAX = 65535
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -137,7 +138,7 @@ def encode_depth(depth_m: np.ndarray, scale: float, what: str = "depth") -> np.n
         raise DataError(f"{what}: depth must have shape (H, W), got {depth_m.shape}")
     if not scale > 0:
         raise ConfigError(f"{what}: depth scale must be > 0, got {scale}")
-    valid = np.isfinite(depth_m) & (depth_m > 0)
+    valid = valid_mask(depth_m)
     codes = np.zeros(depth_m.shape, dtype=np.float64)
     codes[valid] = np.rint(depth_m[valid] * scale)
     if valid.any() and codes.max() > UINT16_MAX:

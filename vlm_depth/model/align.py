@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vlm_depth.prompts.masks import valid_mask
+
 
 def processor_grid(height: int, width: int, image_processor) -> tuple[int, int]:
     """(H', W') in pixels that the Qwen2.5-VL `image_processor` resizes a height x width image to (`smart_resize`
@@ -59,7 +61,7 @@ def resize_depth(depth: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         raise ValueError(f"depth must be (H, W), got shape {depth.shape}")
     out_h, out_w = size
     depth = np.asarray(depth, dtype=np.float32)
-    clean = np.where(np.isfinite(depth) & (depth > 0), depth, np.float32(0))
+    clean = np.where(valid_mask(depth), depth, np.float32(0))
     if clean.shape == (out_h, out_w):
         return clean
     row_lo, row_len, row_centre = _footprints(depth.shape[0], out_h)

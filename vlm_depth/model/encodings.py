@@ -22,6 +22,7 @@ import torch
 
 from vlm_depth.errors import ConfigError
 from vlm_depth.model.branch_config import DepthBranchConfig
+from vlm_depth.prompts.masks import valid_mask
 
 PDE_TEMPERATURE = 10000.0
 # Valid depth is clamped from below for `inverse`/`log` so a stray 1e-30 m cannot overflow float32.
@@ -51,7 +52,7 @@ def encode_depth(depth: torch.Tensor, cfg: DepthBranchConfig) -> torch.Tensor:
         raise ConfigError(f"max_depth must be positive, got {cfg.max_depth}")
     channels = encoded_channels(cfg)
     depth = depth.float()
-    valid = torch.isfinite(depth) & (depth > 0)
+    valid = valid_mask(depth)
     mask = valid.float()
     # Computing on a safe stand-in at missing pixels keeps NaN/inf out of values and gradients alike.
     safe = torch.where(valid, depth, torch.ones_like(depth))

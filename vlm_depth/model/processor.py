@@ -12,11 +12,10 @@ import numpy as np
 import torch
 from transformers import BatchFeature
 
+from vlm_depth.data.sample import ASPECT_TOLERANCE
 from vlm_depth.errors import DataError, ModelError
 from vlm_depth.model.align import patchify, processor_grid, resize_depth
 from vlm_depth.model.branch_config import DepthBranchConfig
-
-ASPECT_TOLERANCE = 0.01  # depth of another resolution must have the RGB's aspect ratio within 1 %
 
 
 def _as_list(value, name: str) -> list:
