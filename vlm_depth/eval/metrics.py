@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
+from vlm_depth.prompts.masks import valid_mask
+
 logger = logging.getLogger(__name__)
 
 METRIC_NAMES = ("mae", "rmse", "imae", "irmse", "absrel", "delta1", "delta_110", "delta_105")
@@ -119,8 +121,8 @@ def compute_metrics(pred: np.ndarray, target: np.ndarray, valid_mask: np.ndarray
 
 
 def valid_depth(depth: np.ndarray) -> np.ndarray:
-    """Measured pixels of a (H, W) depth in meters: finite and > 0."""
-    return np.isfinite(depth) & (depth > 0)
+    """Measured pixels of a (H, W) depth in meters: finite and > 0 (`vlm_depth.prompts.masks.valid_mask`)."""
+    return valid_mask(depth)
 
 
 def parse_crop(crop: str | Iterable[int] | None) -> tuple[int, int, int, int] | None:

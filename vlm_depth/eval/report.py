@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from vlm_depth.eval.metrics import METRIC_NAMES
+from vlm_depth.eval.metrics import METRIC_NAMES, valid_depth
 
 # Report columns: (region or None for all pixels, metric, header, decimals). MAE/RMSE in meters, iMAE/iRMSE in
 # 1/km; all lower-is-better except the threshold accuracies.
@@ -230,7 +230,7 @@ def save_compare_panel(
     reference = gt[mask] if mask.any() else pred[np.isfinite(pred)]
     vmin, vmax = (float(v) for v in np.percentile(reference, (2, 98))) if reference.size else (0.0, 1.0)
     vmax = max(vmax, vmin + 1e-3)
-    has_input = np.isfinite(sparse) & (sparse > 0)
+    has_input = valid_depth(sparse)
     error = np.where(mask, np.abs(pred - gt), np.nan)
     emax = float(np.nanpercentile(error, 98)) if mask.any() else 1.0
     depth_cmap = matplotlib.colormaps["turbo"].with_extremes(bad="black")

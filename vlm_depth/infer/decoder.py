@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from vlm_depth.errors import ConfigError, ModelError
 from vlm_depth.infer.prefix_attention import shared_prefix_attention
-from vlm_depth.model.packing import PAD, block_attention_mask, with_block_positions
+from vlm_depth.model.packing import PAD, block_attention_mask, packed_position_ids, with_block_positions
 from vlm_depth.prompts.chat import ChatLayout, QueryTokens
 from vlm_depth.prompts.digits import digit_moments, digit_places
 from vlm_depth.prompts.numbers import format_meters, parse_meters
@@ -309,11 +309,9 @@ class QueryDecoder:
         image_embeds = model.encode_images(
             inputs["pixel_values"].to(device), grid, None if depth is None else depth.to(device)
         )
-        positions, _ = model.model.get_rope_index(
-            input_ids,
-            mm_token_type_ids=inputs["mm_token_type_ids"].to(device),
-            image_grid_thw=grid,
-            attention_mask=torch.ones_like(input_ids),
+        # Every token is prefix (segment 0): the positions are Qwen's own, text_start the first position after them.
+        positions, text_start = packed_position_ids(
+            model, input_ids, torch.zeros_like(input_ids), inputs["mm_token_type_ids"].to(device), grid
         )
         cache = DynamicCache(config=model.config)
         model(
@@ -324,7 +322,7 @@ class QueryDecoder:
             logits_to_keep=1,
         )
         key_values = [(layer.keys, layer.values) for layer in cache.layers]
-        return PrefixCache(key_values, int(input_ids.shape[1]), int(positions.max()) + 1, image_embeds, grid)
+        return PrefixCache(key_values, int(input_ids.shape[1]), int(text_start[0]), image_embeds, grid)
 
     # ------------------------------------------------------------------ queries
     @torch.no_grad()

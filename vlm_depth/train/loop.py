@@ -40,7 +40,7 @@ from vlm_depth.train.checkpoint import (
 )
 from vlm_depth.train.collator import Batch, ExampleBuilder, QuerySpec, collate_packed
 from vlm_depth.train.config import TrainConfig
-from vlm_depth.train.losses import AnswerLosses, answer_losses, supervised_positions
+from vlm_depth.train.losses import IGNORE_INDEX, AnswerLosses, answer_losses, supervised_positions
 from vlm_depth.train.mdm import (
     MDM_SUMS,
     batch_mdm_loss,
@@ -362,7 +362,7 @@ def train_step(run: Run, micro_batches: list[Batch], step: int) -> dict[str, flo
     image_processor = run.processor.image_processor
     local = torch.tensor(
         [
-            sum(int((b["labels"] != -100).sum()) for b in micro_batches),
+            sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches),
             sum(len(b["targets"]) for b in micro_batches),
             sum(mdm_loss_weight(b, image_processor, cfg.mdm_loss) for b in micro_batches) if mdm else 0,
         ],
@@ -475,7 +475,7 @@ def greedy_answers(model, layout, batch: Batch, max_new_tokens: int) -> list[str
     texts = []
     for k in range(1, int(segments.max()) + 1):
         block = segments == k
-        prompt = ids[block][labels[block] == -100]
+        prompt = ids[block][labels[block] == IGNORE_INDEX]
         input_ids = torch.cat([prefix, prompt])[None]
         extra = {}
         if len(batch["pointer_xy"]):
@@ -516,7 +516,7 @@ def validate(model, layout, batches: list[Batch], digit_ids: torch.Tensor, autoc
             ce += float(losses.ce_sum())
             n_tok += len(losses.token_ce)
             tf_err += float(losses.l1_sum())
-            answer_len = int((batch["labels"] != -100).sum()) // max(len(batch["targets"]), 1)
+            answer_len = int((batch["labels"] != IGNORE_INDEX).sum()) // max(len(batch["targets"]), 1)
             for text, target in zip(greedy_answers(model, layout, batch, answer_len + 4), batch["targets"]):
                 total += 1
                 value = parse_meters(text).value
