@@ -365,11 +365,12 @@ def train_step(run: Run, micro_batches: list[Batch], step: int) -> dict[str, flo
             sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches),
             sum(len(b["targets"]) for b in micro_batches),
             sum(mdm_loss_weight(b, image_processor, cfg.mdm_loss) for b in micro_batches) if mdm else 0,
+            sum(int(b["is_fill"].sum()) for b in micro_batches),
         ],
         dtype=torch.float64,
         device=acc.device,
     )
-    n_tokens, n_queries, n_mdm = (max(float(x), 1.0) for x in acc.reduce(local, reduction="sum"))
+    n_tokens, n_queries, n_mdm, n_fill = (max(float(x), 1.0) for x in acc.reduce(local, reduction="sum"))
     # ce, l1, fill-query l1, then the MDM sums (MDM_SUMS); text terms are 0 in MDM head_only mode
     sums = torch.zeros(3 + len(MDM_SUMS), dtype=torch.float64, device=acc.device)
     zero = torch.zeros((), device=acc.device)
@@ -404,15 +405,12 @@ def train_step(run: Run, micro_batches: list[Batch], step: int) -> dict[str, flo
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    n_fill = acc.reduce(
-        torch.tensor(sum(int(b["is_fill"].sum()) for b in micro_batches), device=acc.device), reduction="sum"
-    )
     return {
         "step": step,
         "loss": loss,
         "ce": ce,
         "mae": mae,
-        "fill_mae": float(sums[2]) / max(int(n_fill), 1),
+        "fill_mae": float(sums[2]) / n_fill,
         "grad_norm": grad_norm,
         "queries": n_queries,
         **mdm_row,
