@@ -17,7 +17,7 @@ from vlm_depth.errors import VlmDepthError
 
 @dataclass(frozen=True)
 class Command:
-    config: str  # "module:Class" or several joined by ","
+    config: str  # "module:Class"
     runner: str  # "module:function", called with the parsed config(s), returns a JSON-able summary
     help: str
 
@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rest = ["--what", rest[0], *rest[1:]]
     try:
         runner = _resolve(cmd.runner)
-        classes = tuple(_resolve(spec) for spec in cmd.config.split(","))
+        config_class = _resolve(cmd.config)
     except (ImportError, AttributeError) as exc:
         print(f"error: `vlm-depth {name}` is not available in this build ({exc})", file=sys.stderr)
         return 2
@@ -97,8 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vlm_depth.config import parse_config
 
     try:
-        configs = parse_config(classes if len(classes) > 1 else classes[0], rest, prog=f"vlm-depth {name}")
-        result = runner(*configs) if isinstance(configs, tuple) else runner(configs)
+        result = runner(parse_config(config_class, rest, prog=f"vlm-depth {name}"))
     except VlmDepthError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -113,46 +113,36 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def parse_config(classes: type[T] | tuple[type, ...], argv: Sequence[str] | None = None, prog: str | None = None):
-    """Parse `[--config FILE.yaml] [--key value ...]` into one dataclass instance (or a tuple for several classes).
+def parse_config(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None) -> T:
+    """Parse `[--config FILE.yaml] [--key value ...]` into an instance of the dataclass `cls`.
 
     Unknown keys in the file or on the command line are errors, never silently ignored.
     """
     from transformers import HfArgumentParser
 
     argv = sys.argv[1:] if argv is None else argv
-    single = not isinstance(classes, tuple)
-    class_tuple = (classes,) if single else classes
-    parser = HfArgumentParser(class_tuple, prog=prog)
+    parser = HfArgumentParser(cls, prog=prog)
     parser.add_argument("--config", default=None, help="YAML file with key: value pairs; CLI flags override it.")
     config_path, rest = _split_config_arg(argv)
     if config_path is not None:
         values = load_yaml(config_path)
-        known = {f.name for cls in class_tuple for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"{config_path}: unknown keys {unknown}; known keys: {sorted(known)}")
         parser.set_defaults(**values)
-    outputs = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
-    *configs, remaining = outputs
+    # The parser also returns the namespace of non-dataclass arguments (our --config) before the leftover strings.
+    config, _, remaining = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
     if remaining:
         raise ConfigError(f"unknown arguments: {' '.join(remaining)}")
-    return configs[0] if single else tuple(configs)
+    return config
 
 
-def config_to_dict(*configs: Any) -> dict[str, Any]:
-    """Merge dataclass configs into one plain dict (later ones win on a clash)."""
-    out: dict[str, Any] = {}
-    for cfg in configs:
-        out.update(dataclasses.asdict(cfg))
-    return out
-
-
-def save_config(out_dir: str | Path, *configs: Any, name: str = "config.yaml") -> Path:
-    """Write the resolved config(s) as YAML into `out_dir` and return the file path."""
+def save_config(out_dir: str | Path, config: Any, name: str = "config.yaml") -> Path:
+    """Write the resolved dataclass `config` as YAML into `out_dir` and return the file path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / name
     with path.open("w") as f:
-        yaml.safe_dump(config_to_dict(*configs), f, sort_keys=False)
+        yaml.safe_dump(dataclasses.asdict(config), f, sort_keys=False)
     return path
