@@ -6,10 +6,11 @@ import cv2
 import numpy as np
 import pytest
 
+from vlm_depth.data.sparsify import sparsify
+from vlm_depth.depth import valid_mask
 from vlm_depth.errors import ConfigError, DataError
 from vlm_depth.eval.baselines import BASELINES, get_baseline, ip_basic
-from vlm_depth.eval.metrics import compute_metrics, valid_depth
-from vlm_depth.prompts.sparsify import sparsify
+from vlm_depth.eval.metrics import compute_metrics
 
 H, W = 48, 64
 
@@ -33,7 +34,7 @@ def _read_kitti_png(path) -> np.ndarray:
 def test_baselines_are_dense_finite_and_keep_valid_input_pixels(name):
     rgb, sparse = _random_sparse(0)
     dense = BASELINES[name](rgb, sparse)
-    valid = valid_depth(sparse)
+    valid = valid_mask(sparse)
     assert dense.shape == (H, W) and dense.dtype == np.float32
     assert np.isfinite(dense).all() and (dense > 0).all()
     np.testing.assert_array_equal(dense[valid], sparse[valid])
@@ -105,7 +106,7 @@ def test_ipbasic_on_a_real_kitti_lidar_scan_gives_a_dense_finite_map(shared_data
     folder = shared_data / "train-and-test" / "kitti_object_lidar_mmdet3d"
     sparse = _read_kitti_png(folder / "000008_sparse_depth_projected.png")
     rgb = cv2.cvtColor(cv2.imread(str(folder / "000008.png")), cv2.COLOR_BGR2RGB)
-    valid = valid_depth(sparse)
+    valid = valid_mask(sparse)
     assert 0.03 < valid.mean() < 0.045  # SOURCE.md: density 3.7 %
     dense = BASELINES["ipbasic"](rgb, sparse)
     assert dense.shape == sparse.shape and np.isfinite(dense).all()
@@ -114,7 +115,7 @@ def test_ipbasic_on_a_real_kitti_lidar_scan_gives_a_dense_finite_map(shared_data
 
 
 def _rmse_on_fill(name: str, rgb: np.ndarray, sparse: np.ndarray, reference: np.ndarray) -> float:
-    fill = valid_depth(reference) & ~valid_depth(sparse)
+    fill = valid_mask(reference) & ~valid_mask(sparse)
     return compute_metrics(BASELINES[name](rgb, sparse), reference, fill)["rmse"]
 
 

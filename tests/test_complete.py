@@ -13,6 +13,7 @@ from vlm_depth.cli import main
 from vlm_depth.data.depth_io import read_depth, read_rgb
 from vlm_depth.data.folder import write_folder_sample
 from vlm_depth.data.sample import RGBDSample
+from vlm_depth.depth import keep_input
 from vlm_depth.infer.assemble import (
     assemble,
     cell_pixels,
@@ -99,7 +100,7 @@ def test_guided_fill_follows_the_image_edge_better_than_push_pull():
     assert np.abs(guided - gt)[~edge_band].mean() < 0.05
 
 
-def test_assembly_keeps_valid_input_pixels_exactly_and_ignores_unparseable_answers():
+def test_assembly_then_keep_returns_valid_input_pixels_exactly_and_ignores_unparseable_answers():
     rgb, gt, _ = _two_regions()
     rng = np.random.default_rng(1)
     sparse = np.where(rng.random(gt.shape) < 0.05, gt + 0.123, 0).astype(np.float32)
@@ -107,13 +108,13 @@ def test_assembly_keeps_valid_input_pixels_exactly_and_ignores_unparseable_answe
     values = gt[rows, cols].copy()
     values[:3] = np.nan  # unparseable answers give no prediction
     spreads = np.full(len(rows), 0.2, np.float32)
-    depth, uncertainty = assemble(rgb, sparse, rows, cols, values, spreads, radius=8)
+    refined, spread = assemble(rgb, sparse, rows, cols, values, spreads, radius=8)
+    depth, uncertainty = keep_input(refined, sparse, spread)
     valid = sparse > 0
     np.testing.assert_array_equal(depth[valid], sparse[valid])
     assert (uncertainty[valid] == 0).all() and np.isfinite(depth).all() and (depth > 0).all()
     assert np.abs(uncertainty[~valid] - 0.2).max() <= 0.2 + 1e-6
-    refined, _ = assemble(rgb, sparse, rows, cols, values, spreads, radius=8, keep_input=False)
-    assert not np.array_equal(refined[valid], sparse[valid])
+    assert not np.array_equal(refined[valid], sparse[valid])  # assembly alone fills the input pixels too
 
 
 def test_refinement_pixels_go_to_image_edges():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vlm_depth.data.depth_io import (
-    encode_depth,
+    depth_to_uint16,
     read_depth,
     read_intrinsics,
     read_raw_float32,
@@ -134,7 +134,7 @@ def test_png_depth_round_trip_is_exact_to_half_a_quantisation_step(tmp_path, sca
 
 
 def test_png_encoding_keeps_missing_at_zero_and_refuses_overflow(tmp_path):
-    codes = encode_depth(np.array([[0.0, np.nan, -1.0, 1e-5, 2.5]]), 1000.0)
+    codes = depth_to_uint16(np.array([[0.0, np.nan, -1.0, 1e-5, 2.5]]), 1000.0)
     assert codes.tolist() == [[0, 0, 0, 1, 2500]], "a tiny measured depth must not turn into 'missing'"
     with pytest.raises(DataError, match="exceeds the uint16 range"):
         write_depth_png(tmp_path / "far.png", np.array([[70.0]], np.float32), scale=1000.0)

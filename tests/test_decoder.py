@@ -11,17 +11,13 @@ import pytest
 import torch
 from trained_tiny import scene, train_tiny
 
+from vlm_depth.infer.answers import number_moments
 from vlm_depth.infer.complete import chat_layout, load_checkpoint, pixel_queries
-from vlm_depth.infer.decoder import (
-    POINT,
-    GrammarLogitsProcessor,
-    NumberGrammar,
-    QueryDecoder,
-    decode_naive,
-    number_moments,
-)
+from vlm_depth.infer.decoder import QueryDecoder
+from vlm_depth.infer.naive import decode_naive
 from vlm_depth.infer.prefix_attention import shared_prefix_attention_forward
 from vlm_depth.prompts.digits import digit_places
+from vlm_depth.prompts.grammar import POINT, GrammarLogitsProcessor, NumberGrammar
 from vlm_depth.prompts.numbers import format_meters
 
 NEAR_TIE = 1e-5
@@ -57,7 +53,8 @@ def test_grammar_accepts_exactly_what_format_meters_writes():
 def test_grammar_max_integer_digits_follow_the_formatter_clipping(tiny_ckpt):
     from vlm_depth.model.processor import DepthProcessor
     from vlm_depth.prompts.chat import ChatLayout
-    from vlm_depth.prompts.textualize import PromptTemplate, Textualizer
+    from vlm_depth.prompts.template import PromptTemplate
+    from vlm_depth.prompts.textualize import Textualizer
 
     tokenizer = DepthProcessor.from_pretrained(tiny_ckpt).tokenizer
     for decimals in (1, 3):

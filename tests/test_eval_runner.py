@@ -14,12 +14,12 @@ import pytest
 from vlm_depth.cli import main
 from vlm_depth.data import RGBDSample, load
 from vlm_depth.data.folder import write_folder_sample
+from vlm_depth.data.sparsify import image_seed, sparsify
 from vlm_depth.errors import ConfigError
 from vlm_depth.eval.baselines import BASELINES
 from vlm_depth.eval.config import EvalConfig
 from vlm_depth.eval.metrics import METRIC_NAMES, compute_metrics, eval_mask
-from vlm_depth.eval.runner import image_seed, load_suite, run_eval
-from vlm_depth.prompts.sparsify import sparsify
+from vlm_depth.eval.runner import load_suite, run_eval
 from vlm_depth.resources import REPO_ROOT
 
 SCHEMA = ("dataset", "protocol", "method", "n_images", "mae", "rmse", "imae", "irmse", "absrel", "delta1")
@@ -236,7 +236,7 @@ def test_bad_requests_are_clear_config_errors(gt_folder, tmp_path):
 @pytest.mark.parametrize("name", ["zero_shot", "label_free_vs_gt", "sample_frames"])
 def test_benchmark_suites_parse_with_known_readers_and_protocols(name):
     from vlm_depth.data import parse_spec
-    from vlm_depth.prompts.sparsify import parse_protocol
+    from vlm_depth.data.sparsify import parse_protocol
 
     suite = load_suite(name)
     for entry in suite.datasets:
@@ -254,7 +254,7 @@ def test_benchmark_suites_parse_with_known_readers_and_protocols(name):
 
 
 def test_sample_frames_suite_reads_every_listed_frame(shared_data, monkeypatch):
-    from vlm_depth.eval.metrics import valid_depth
+    from vlm_depth.depth import valid_mask
 
     if shared_data.resolve() != (REPO_ROOT.parent / "shared" / "data").resolve():
         pytest.skip("the suite points at ../shared/data relative to the repository root")
@@ -263,4 +263,4 @@ def test_sample_frames_suite_reads_every_listed_frame(shared_data, monkeypatch):
     assert [m.baseline for m in suite.methods] == list(BASELINES)
     for entry in suite.datasets:
         sample = load(entry.spec, split=entry.split or None, **entry.options)[0]
-        assert valid_depth(sample.depth).mean() > 0.001, entry.name  # nuScenes, the sparsest, has 0.21 %
+        assert valid_mask(sample.depth).mean() > 0.001, entry.name  # nuScenes, the sparsest, has 0.21 %

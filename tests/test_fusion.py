@@ -10,7 +10,7 @@ import torch
 
 from vlm_depth.errors import ConfigError
 from vlm_depth.model.branch_config import DepthBranchConfig
-from vlm_depth.model.encodings import encode_depth, encoded_channels
+from vlm_depth.model.encodings import depth_features, encoded_channels
 from vlm_depth.model.fusion import RECEPTIVE_RADIUS, DepthFusion
 
 ENCODINGS = ["metric", "inverse", "log", "pde"]
@@ -28,11 +28,11 @@ def _inputs(batch: int = 2, height: int = 48, width: int = 64, density: float = 
 def test_every_encoding_is_finite_from_0_1_to_300_m_and_for_all_missing(encoding):
     cfg = DepthBranchConfig(depth_encoding=encoding)
     depth = torch.logspace(math.log10(0.1), math.log10(300.0), 1000).reshape(1, 1, 20, 50)
-    features = encode_depth(depth, cfg)
+    features = depth_features(depth, cfg)
     assert features.shape == (1, encoded_channels(cfg), 20, 50)
     assert torch.isfinite(features).all()
     assert (features[:, 0] == 1).all()
-    missing = encode_depth(torch.zeros(2, 1, 8, 8), cfg)
+    missing = depth_features(torch.zeros(2, 1, 8, 8), cfg)
     assert torch.isfinite(missing).all() and not missing.any()
 
 
@@ -40,7 +40,7 @@ def test_every_encoding_is_finite_from_0_1_to_300_m_and_for_all_missing(encoding
 def test_missing_depth_is_a_state_of_its_own_never_zero_meters(encoding):
     cfg = DepthBranchConfig(depth_encoding=encoding)
     depth = torch.tensor([0.0, float("nan"), float("inf"), -2.0, 0.5, 5.0]).reshape(1, 1, 1, 6)
-    features = encode_depth(depth, cfg)[0, :, 0]  # (C, 6)
+    features = depth_features(depth, cfg)[0, :, 0]  # (C, 6)
     assert torch.equal(features[0], torch.tensor([0.0, 0, 0, 0, 1, 1]))
     assert not features[:, :4].any()
     assert not torch.equal(features[:, 4], features[:, 5])
@@ -48,13 +48,13 @@ def test_missing_depth_is_a_state_of_its_own_never_zero_meters(encoding):
 
 def test_encodings_follow_their_documented_formulas():
     depth = torch.tensor([0.1, 2.0, 80.0, 300.0]).reshape(1, 1, 1, 4)
-    metric = encode_depth(depth, DepthBranchConfig(depth_encoding="metric", max_depth=80.0))[0, 1, 0]
-    inverse = encode_depth(depth, DepthBranchConfig(depth_encoding="inverse"))[0, 1, 0]
-    log = encode_depth(depth, DepthBranchConfig(depth_encoding="log", max_depth=80.0))[0, 1, 0]
+    metric = depth_features(depth, DepthBranchConfig(depth_encoding="metric", max_depth=80.0))[0, 1, 0]
+    inverse = depth_features(depth, DepthBranchConfig(depth_encoding="inverse"))[0, 1, 0]
+    log = depth_features(depth, DepthBranchConfig(depth_encoding="log", max_depth=80.0))[0, 1, 0]
     assert torch.allclose(metric, torch.tensor([0.1, 2.0, 80.0, 300.0]) / 80)
     assert torch.allclose(inverse, torch.tensor([10.0, 0.5, 1 / 80, 1 / 300]))
     assert torch.allclose(log, torch.log(torch.tensor([0.1, 2.0, 80.0, 300.0])) / math.log(81.0))
-    pde = encode_depth(depth, DepthBranchConfig(depth_encoding="pde", pde_channels=8, max_depth=80.0))[0, :, 0]
+    pde = depth_features(depth, DepthBranchConfig(depth_encoding="pde", pde_channels=8, max_depth=80.0))[0, :, 0]
     freqs = torch.tensor([10000.0 ** (k / 3) for k in range(4)], dtype=torch.float64) / 80.0
     angles = torch.tensor([0.1, 2.0, 80.0, 300.0], dtype=torch.float64)[None] * freqs[:, None]
     # float32 angles up to 37500 rad carry rounding of about 37500 * 6e-8 = 2e-3 rad.
@@ -65,7 +65,7 @@ def test_encodings_follow_their_documented_formulas():
 def test_pde_separates_nearby_depths_and_stays_bounded():
     cfg = DepthBranchConfig(depth_encoding="pde", pde_channels=32, max_depth=80.0)
     depth = torch.tensor([5.00, 5.02, 60.0, 60.02, 250.0]).reshape(1, 1, 1, 5)
-    features = encode_depth(depth, cfg)[0, 1:, 0]
+    features = depth_features(depth, cfg)[0, 1:, 0]
     assert features.abs().max() <= 1
     assert (features[:, 0] - features[:, 1]).norm() > 0.5  # 2 cm apart
     assert (features[:, 2] - features[:, 3]).norm() > 0.5

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from vlm_depth.depth import valid_mask
 from vlm_depth.model.align import patchify, unpatchify
 from vlm_depth.model.branch_config import DepthBranchConfig
 from vlm_depth.model.mdm_head import processor_order, token_grids
-from vlm_depth.prompts.masks import PatchState, mdm_patch_mask, patch_states, valid_mask
+from vlm_depth.model.patch_mask import PatchState, mdm_patch_mask, patch_states
 from vlm_depth.prompts.textualize import select_queries
 from vlm_depth.train.mdm import SI_LAMBDA, MDMSpec, label_rows, mdm_labels, mdm_loss, patch_mask_rows
 
@@ -152,7 +153,8 @@ def test_mdm_masking_and_textualizer_share_patch_decisions(processor):
     agrees with the state of its patch (nothing monkeypatched: the reference is recomputed from masks.py)."""
     from vlm_depth.data.sample import RGBDSample
     from vlm_depth.prompts.chat import ChatLayout
-    from vlm_depth.prompts.textualize import PromptTemplate, Textualizer
+    from vlm_depth.prompts.template import PromptTemplate
+    from vlm_depth.prompts.textualize import Textualizer
     from vlm_depth.train.collator import ExampleBuilder, QuerySpec
 
     p, m = _image_rows(processor)
@@ -461,7 +463,8 @@ def test_head_only_training_reduces_masked_pixel_l1_and_leaves_the_vlm_frozen(ti
 
 def _layout(processor):
     from vlm_depth.prompts.chat import ChatLayout
-    from vlm_depth.prompts.textualize import PromptTemplate, Textualizer
+    from vlm_depth.prompts.template import PromptTemplate
+    from vlm_depth.prompts.textualize import Textualizer
 
     return ChatLayout(processor.tokenizer, Textualizer(PromptTemplate.load("paper")))
 

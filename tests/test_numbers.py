@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from vlm_depth.prompts.numbers import ParsedNumber, format_meters, parse_meters
-from vlm_depth.prompts.textualize import PromptTemplate, Textualizer
+from vlm_depth.prompts.template import PromptTemplate
+from vlm_depth.prompts.textualize import Textualizer
 
 
 @pytest.mark.parametrize(

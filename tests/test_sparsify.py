@@ -7,9 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from vlm_depth.errors import ConfigError
-from vlm_depth.prompts.masks import valid_mask
-from vlm_depth.prompts.sparsify import (
+from vlm_depth.data.sparsify import (
     BLOCK_SEVERITIES,
     PROTOCOL_FORMS,
     Protocol,
@@ -17,6 +15,8 @@ from vlm_depth.prompts.sparsify import (
     parse_protocol,
     sparsify,
 )
+from vlm_depth.depth import valid_mask
+from vlm_depth.errors import ConfigError
 
 H, W = 96, 128
 KITTI = "train-and-test/kitti_dc_gt_metric3d"

@@ -10,7 +10,8 @@ import pytest
 
 from vlm_depth.errors import ConfigError, DataError
 from vlm_depth.prompts.numbers import format_meters
-from vlm_depth.prompts.textualize import PromptTemplate, Query, Textualizer, select_queries
+from vlm_depth.prompts.template import PromptTemplate
+from vlm_depth.prompts.textualize import Query, Textualizer, select_queries
 
 FILL = "The mask value is 0; predict the distance to the camera."
 KEEP_1_5 = "The mask value is 1, and the distance to the camera is 1.500 meters, preserve the given value."

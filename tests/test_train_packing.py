@@ -11,7 +11,8 @@ from vlm_depth.model.branch_config import DepthBranchConfig
 from vlm_depth.model.depth_vlm import DepthVLM
 from vlm_depth.model.processor import DepthProcessor
 from vlm_depth.prompts.chat import ChatLayout
-from vlm_depth.prompts.textualize import PromptTemplate, Query, Textualizer
+from vlm_depth.prompts.template import PromptTemplate
+from vlm_depth.prompts.textualize import Query, Textualizer
 from vlm_depth.train.collator import ExampleBuilder, QuerySpec, collate_packed
 from vlm_depth.train.losses import answer_losses, supervised_positions
 from vlm_depth.train.packed import packed_forward

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from vlm_depth.config import load_yaml, parse_config
+from vlm_depth.config import parse_config
+from vlm_depth.resources import load_yaml
 from vlm_depth.train.config import TrainConfig
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "train").glob("*.yaml"))

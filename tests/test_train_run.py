@@ -65,7 +65,8 @@ def test_tiny_recipe_loss_and_mae_fall_and_checkpoint_loads(tiny_ckpt, tmp_path,
 
     # the final folder restores the trained model: same validation metrics as logged at the end of training
     from vlm_depth.prompts.chat import ChatLayout
-    from vlm_depth.prompts.textualize import PromptTemplate, Textualizer
+    from vlm_depth.prompts.template import PromptTemplate
+    from vlm_depth.prompts.textualize import Textualizer
     from vlm_depth.train.loop import build_val_batches, validate
 
     model = DepthVLM.from_pretrained(out / "final")

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import yaml
 
 from vlm_depth.errors import ConfigError
+from vlm_depth.resources import load_yaml
 
 T = TypeVar("T")
 
@@ -99,18 +100,6 @@ def _split_config_arg(argv: Sequence[str]) -> tuple[str | None, list[str]]:
         if arg.startswith("--config="):
             return arg.split("=", 1)[1], argv[:i] + argv[i + 1 :]
     return None, argv
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping (config file, recipe, suite); a clear error if it is missing or not a mapping."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    with path.open() as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a YAML mapping of key: value, got {type(data).__name__}")
-    return data
 
 
 def parse_config(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None) -> T:

@@ -15,9 +15,9 @@ import cv2
 import h5py
 import numpy as np
 
-from vlm_depth.data.sample import Intrinsics, sanitize_depth
+from vlm_depth.data.sample import Intrinsics
+from vlm_depth.depth import sanitize_depth, valid_mask
 from vlm_depth.errors import ConfigError, DataError
-from vlm_depth.prompts.masks import valid_mask
 
 UINT16_MAX = 65535
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -128,7 +128,7 @@ def read_raw_float32(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
     return values.reshape(shape).astype(np.float32)
 
 
-def encode_depth(depth_m: np.ndarray, scale: float, what: str = "depth") -> np.ndarray:
+def depth_to_uint16(depth_m: np.ndarray, scale: float, what: str = "depth") -> np.ndarray:
     """(H, W) float meters -> uint16 `round(depth * scale)`; 0/NaN/inf/negative -> 0, tiny positives -> 1.
 
     Raises DataError if a value would exceed 65535 (choose a smaller scale) rather than wrapping or clipping it.
@@ -158,9 +158,9 @@ def _write_image(path: Path, image: np.ndarray) -> Path:
 
 
 def write_depth_png(path: str | Path, depth_m: np.ndarray, scale: float = 1000.0) -> Path:
-    """Write (H, W) float meters as a uint16 PNG holding `round(depth * scale)` (see `encode_depth`)."""
+    """Write (H, W) float meters as a uint16 PNG holding `round(depth * scale)` (see `depth_to_uint16`)."""
     path = Path(path)
-    return _write_image(path, encode_depth(depth_m, scale, what=str(path)))
+    return _write_image(path, depth_to_uint16(depth_m, scale, what=str(path)))
 
 
 def write_depth_npy(path: str | Path, depth_m: np.ndarray) -> Path:

@@ -10,44 +10,15 @@ x in [-0.5, W - 0.5].
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from vlm_depth.depth import same_aspect, sanitize_depth
 from vlm_depth.errors import DataError
 
-logger = logging.getLogger(__name__)
-
 Intrinsics = tuple[float, float, float, float]
-
-# Largest relative difference between the RGB and depth aspect ratios that still counts as "same field of view"
-# when resizing depth to the RGB grid without explicit depth intrinsics.
-ASPECT_TOLERANCE = 0.01
-
-
-def sanitize_depth(depth: np.ndarray, what: str) -> np.ndarray:
-    """Return `depth` as float32 meters with NaN/inf/negative values set to 0 (missing), logging how many.
-
-    depth: (h, w) floating array in meters. Integer arrays are refused: they are raw sensor units, not meters, and
-    must be converted at the I/O edge (`vlm_depth.data.depth_io.read_depth` with a scale). Never modifies the input.
-    """
-    depth = np.asarray(depth)
-    if depth.ndim != 2:
-        raise DataError(f"{what}: depth must have shape (H, W), got {depth.shape}")
-    if not np.issubdtype(depth.dtype, np.floating):
-        raise DataError(
-            f"{what}: depth must be floating-point meters, got {depth.dtype} "
-            "(raw sensor units; convert with read_depth(path, scale=...))"
-        )
-    depth = depth.astype(np.float32, copy=False)
-    bad = ~np.isfinite(depth) | (depth < 0)
-    n_bad = int(bad.sum())
-    if n_bad:
-        logger.warning("%s: %d NaN/inf/negative depth values set to 0 (missing)", what, n_bad)
-        depth = np.where(bad, np.float32(0), depth)
-    return depth
 
 
 def scalar_meta(meta: dict[str, Any]) -> dict[str, Any]:
@@ -160,8 +131,8 @@ class RGBDSample:
 
     def _check_same_aspect(self) -> None:
         (h_rgb, w_rgb), (h, w) = self.rgb.shape[:2], self.depth.shape
-        aspect_rgb, aspect_depth = w_rgb / h_rgb, w / h
-        if abs(aspect_rgb / aspect_depth - 1) > ASPECT_TOLERANCE:
+        if not same_aspect(self.depth.shape, self.rgb.shape):
+            aspect_rgb, aspect_depth = w_rgb / h_rgb, w / h
             raise DataError(
                 f"{self.name or 'RGBDSample'}: depth {w}x{h} and RGB {w_rgb}x{h_rgb} have different aspect ratios "
                 f"({aspect_depth:.4f} vs {aspect_rgb:.4f}); give meta['depth_intrinsics'] to say how they align"
@@ -203,3 +174,11 @@ class RGBDSample:
     def gt_at_rgb_resolution(self) -> np.ndarray | None:
         """Ground truth on the RGB grid, like `depth_at_rgb_resolution`; None when there is no ground truth."""
         return None if self.gt is None else self._at_rgb_resolution(self.gt)
+
+    def on_rgb_grid(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """(depth, gt) on the RGB grid, (H, W) float32 meters (gt None without ground truth); when the dataset's
+        depth is its ground truth, the returned gt is the returned depth (the same array)."""
+        depth = self.depth_at_rgb_resolution()
+        if self.gt is self.depth:
+            return depth, depth
+        return depth, self.gt_at_rgb_resolution()

@@ -32,6 +32,7 @@ from vlm_depth.data.sample import RGBDSample
 from vlm_depth.data.synthetic_layout import SCENE_KINDS, make_scene
 from vlm_depth.data.synthetic_scene import MATERIAL_NAMES, SKY, shade, trace
 from vlm_depth.data.synthetic_sensor import sample_rig, simulate_sensor
+from vlm_depth.depth import colorize, depth_range, valid_mask
 from vlm_depth.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -126,8 +127,8 @@ def _timed_frames(
 
 def missing_counts(sample: RGBDSample) -> dict[str, tuple[int, int]]:
     """(missing, total) ground-truth pixels of a synthetic frame, overall and per material name."""
-    has_gt = sample.gt > 0
-    missing = has_gt & (sample.depth <= 0)
+    has_gt = valid_mask(sample.gt)
+    missing = has_gt & ~valid_mask(sample.depth)
     material = sample.meta["material"]
     counts = {"overall": (int(missing.sum()), int(has_gt.sum()))}
     for code, name in MATERIAL_NAMES.items():
@@ -197,24 +198,16 @@ def render_preview(sample: RGBDSample) -> np.ndarray:
     range (yellow); missing depth is black.
     """
     import cv2
-    import matplotlib
 
     gt, depth, material = sample.gt, sample.depth, sample.meta["material"]
-    ref = gt[gt > 0]
-    lo, hi = (float(v) for v in np.percentile(ref, (2, 98))) if ref.size else (0.0, 1.0)
-
-    def colour(values: np.ndarray, cmap: str, vmin: float, vmax: float, valid: np.ndarray) -> np.ndarray:
-        lut = (255 * matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3]).astype(np.uint8)
-        idx = np.clip((values - vmin) / max(vmax - vmin, 1e-6) * 255, 0, 255).astype(np.uint8)
-        return np.where(valid[..., None], lut[idx], 0).astype(np.uint8)
-
-    both = (gt > 0) & (depth > 0)
+    vrange = depth_range(gt)
+    error = np.where(valid_mask(gt) & valid_mask(depth), np.abs(depth - gt), 0)
     palette = np.array([[0, 0, 0], [60, 170, 60], [230, 200, 60], [200, 60, 200], [60, 200, 230]], np.uint8)
     panels = {
         "RGB": sample.rgb,
-        "GT depth": colour(gt, "turbo", lo, hi, gt > 0),
-        "sensor depth": colour(depth, "turbo", lo, hi, depth > 0),
-        "|sensor - GT|": colour(np.abs(depth - gt), "inferno", 0, 0.1 * (hi - lo), both),
+        "GT depth": colorize(gt, vrange),
+        "sensor depth": colorize(depth, vrange),
+        "|sensor - GT|": colorize(error, (0.0, 0.1 * (vrange[1] - vrange[0])), "inferno"),
         "material": palette[np.minimum(material, len(palette) - 1)],
     }
     row = []

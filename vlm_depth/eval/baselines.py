@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 from scipy.ndimage import distance_transform_edt
 
+from vlm_depth.depth import valid_mask
 from vlm_depth.errors import ConfigError, DataError
-from vlm_depth.eval.metrics import valid_depth
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def _check_inputs(rgb: np.ndarray, sparse: np.ndarray) -> np.ndarray:
         raise DataError(f"sparse depth must be (H, W) meters, got shape {sparse.shape}")
     if rgb.shape != (*sparse.shape, 3):
         raise DataError(f"rgb {rgb.shape} does not match sparse depth {sparse.shape}: expected (H, W, 3)")
-    valid = valid_depth(sparse)
+    valid = valid_mask(sparse)
     if not valid.any():
         raise DataError(NOTHING_TO_COMPLETE)
     return valid
@@ -121,7 +121,7 @@ def ip_basic(sparse: np.ndarray, *, max_depth: float = 100.0, blur: str = "gauss
     (the paper's version leaves holes wider than ~60 px at 0), and max_depth grows to cover inputs beyond 100 m.
     Returns (H, W) float32 meters, dense; the caller restores the input pixels (the blurs move them).
     """
-    valid = valid_depth(sparse)
+    valid = valid_mask(sparse)
     if not valid.any():
         raise DataError(NOTHING_TO_COMPLETE)
     offset = max(max_depth, float(sparse[valid].max()) + 1.0)

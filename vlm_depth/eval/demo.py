@@ -33,10 +33,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vlm_depth.config import DemoConfig, SynthConfig, TinyConfig, load_yaml, parse_config, save_config
+from vlm_depth.config import DemoConfig, SynthConfig, TinyConfig, parse_config, save_config
 from vlm_depth.errors import ConfigError, ModelError
 from vlm_depth.eval import report
-from vlm_depth.resources import REPO_ROOT, resource_path
+from vlm_depth.resources import REPO_ROOT, load_yaml, resource_path
 
 logger = logging.getLogger(__name__)
 

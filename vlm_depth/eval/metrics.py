@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
-from vlm_depth.prompts.masks import valid_mask
+from vlm_depth.depth import valid_mask as measured  # `valid_mask` is the metrics' argument name
 
 logger = logging.getLogger(__name__)
 
@@ -111,18 +111,13 @@ def compute_metrics(pred: np.ndarray, target: np.ndarray, valid_mask: np.ndarray
     if not mask.any():
         logger.warning("compute_metrics: empty valid mask, every metric is NaN")
         return dict.fromkeys(METRIC_NAMES, float("nan"))
-    bad = mask & ~(np.isfinite(pred) & (pred > 0))
+    bad = mask & ~measured(pred)
     if bad.any():
         raise ValueError(
             f"prediction is missing (0, negative or non-finite) at {int(bad.sum())} evaluated pixels; "
             "a completion method must return a positive depth everywhere it is evaluated"
         )
     return {name: fn(pred, target, mask) for name, fn in METRICS.items()}
-
-
-def valid_depth(depth: np.ndarray) -> np.ndarray:
-    """Measured pixels of a (H, W) depth in meters: finite and > 0 (`vlm_depth.prompts.masks.valid_mask`)."""
-    return valid_mask(depth)
 
 
 def parse_crop(crop: str | Iterable[int] | None) -> tuple[int, int, int, int] | None:
@@ -164,11 +159,7 @@ def eval_mask(
     """
     if gt.shape != input_depth.shape:
         raise ValueError(f"gt {gt.shape} and input depth {input_depth.shape} must have the same shape")
-    region = valid_depth(gt)
-    if max_depth is not None and max_depth > 0:
-        region &= gt <= max_depth
-    if min_depth is not None and min_depth > 0:
-        region &= gt >= min_depth
+    region = measured(gt, min_depth, max_depth)
     bounds = parse_crop(crop)
     if bounds is not None:
         top, bottom, left, right = bounds
@@ -178,7 +169,7 @@ def eval_mask(
         inside = np.zeros_like(region)
         inside[top:bottom, left:right] = True
         region &= inside
-    has_input = valid_depth(input_depth)
+    has_input = measured(input_depth)
     return {"all": region, "fill": region & ~has_input, "keep": region & has_input}
 
 

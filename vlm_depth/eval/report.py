@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from vlm_depth.eval.metrics import METRIC_NAMES, valid_depth
+from vlm_depth.depth import colorize, depth_range, valid_mask
+from vlm_depth.eval.metrics import METRIC_NAMES
 
 # Report columns: (region or None for all pixels, metric, header, decimals). MAE/RMSE in meters, iMAE/iRMSE in
 # 1/km; all lower-is-better except the threshold accuracies.
@@ -223,43 +224,37 @@ def save_compare_panel(
     """One row RGB | input | prediction | |error| for an image: rgb (H, W, 3) uint8; sparse, pred, gt (H, W) meters;
     mask (H, W) bool = evaluated pixels. Input and prediction share one depth colour scale; error is shown only where
     evaluated (meters)."""
-    import matplotlib
+    import cv2
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
     plt = pyplot()
-
-    reference = gt[mask] if mask.any() else pred[np.isfinite(pred)]
-    vmin, vmax = (float(v) for v in np.percentile(reference, (2, 98))) if reference.size else (0.0, 1.0)
-    vmax = max(vmax, vmin + 1e-3)
-    has_input = valid_depth(sparse)
+    vrange = depth_range(np.where(mask, gt, 0) if mask.any() else pred)
+    has_input = valid_mask(sparse)
     error = np.where(mask, np.abs(pred - gt), np.nan)
-    emax = float(np.nanpercentile(error, 98)) if mask.any() else 1.0
-    depth_cmap = matplotlib.colormaps["turbo"].with_extremes(bad="black")
-    error_cmap = matplotlib.colormaps["magma"].with_extremes(bad="black")
+    erange = (0.0, max(float(np.nanpercentile(error, 98)) if mask.any() else 1.0, 1e-3))
+    # Sparse points are thickened for visibility only; the colours are the input values.
+    shown = sparse
+    if has_input.mean() < 0.05:
+        shown = cv2.dilate(np.where(has_input, sparse, 0).astype(np.float32), np.ones((3, 3), np.uint8))
+    tiles = [
+        ("RGB", rgb, None),
+        (f"input ({100 * has_input.mean():.2f} % of pixels)", colorize(shown, vrange, "turbo"), None),
+        ("prediction", colorize(pred, vrange, "turbo"), (vrange, "turbo")),
+        ("|error| where evaluated", colorize(error, erange, "magma"), (erange, "magma")),
+    ]
 
     height, width = sparse.shape
     columns = 2 if width > 2 * height else 4  # wide frames (KITTI) as a 2x2 grid stay readable
     rows = 4 // columns
     fig, axes = plt.subplots(rows, columns, figsize=(16, rows * 16 / columns * height / width + 0.8), squeeze=False)
-    axes = axes.ravel()
-    axes[0].imshow(rgb)
-    axes[0].set_title("RGB")
-    # Sparse points are thickened for visibility only; the colours are the input values.
-    shown = np.where(has_input, sparse, np.nan)
-    if has_input.mean() < 0.05:
-        import cv2
-
-        grown = cv2.dilate(np.where(has_input, sparse, 0).astype(np.float32), np.ones((3, 3), np.uint8))
-        shown = np.where(grown > 0, grown, np.nan)
-    axes[1].imshow(shown, cmap=depth_cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-    axes[1].set_title(f"input ({100 * has_input.mean():.2f} % of pixels)")
-    image = axes[2].imshow(pred, cmap=depth_cmap, vmin=vmin, vmax=vmax)
-    axes[2].set_title("prediction")
-    fig.colorbar(image, ax=axes[2], fraction=0.046, label="m")
-    image = axes[3].imshow(error, cmap=error_cmap, vmin=0, vmax=max(emax, 1e-3), interpolation="nearest")
-    axes[3].set_title("|error| where evaluated")
-    fig.colorbar(image, ax=axes[3], fraction=0.046, label="m")
-    for ax in axes:
+    for ax, (label, tile, scale) in zip(axes.ravel(), tiles):
+        ax.imshow(tile, interpolation="nearest")
+        ax.set_title(label)
         ax.axis("off")
+        if scale is not None:
+            (low, high), cmap = scale
+            fig.colorbar(ScalarMappable(Normalize(low, high), cmap), ax=ax, fraction=0.046, label="m")
     if title:
         fig.suptitle(title, fontsize=10)
     return save_figure(fig, path, dpi=80)

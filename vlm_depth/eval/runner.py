@@ -1,7 +1,7 @@
 """`vlm-depth eval`: run completion methods over datasets x sparsity protocols and write metrics, CSVs and reports.
 
-For every image the sparse input comes from `vlm_depth.prompts.sparsify.sparsify(protocol, reference, ...)` with a
-seed derived from (seed, image index), so every method sees exactly the same input. The reference is the sample's
+For every image the sparse input comes from `vlm_depth.data.sparsify.sparse_input(protocol, ...)` with the seed
+`image_seed(seed, image index)`, so every method sees exactly the same input. The reference is the sample's
 ground truth; a sample without one is evaluated against its own sensor depth, sparsified by the protocol (the
 report says so). Methods are classical baselines (`vlm_depth.eval.baselines`) or vlm-depth checkpoints through
 `vlm_depth.infer.complete.make_predictor(path, readout=...)` -> `(rgb, sparse) -> (depth, uncertainty)`.
@@ -27,13 +27,14 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from vlm_depth.config import load_yaml, save_config
+from vlm_depth.config import save_config
+from vlm_depth.depth import valid_mask
 from vlm_depth.errors import ConfigError, DataError, ModelError
 from vlm_depth.eval import report
 from vlm_depth.eval.baselines import BASELINES, get_baseline
 from vlm_depth.eval.config import EvalConfig
-from vlm_depth.eval.metrics import REGIONS, eval_mask, mean_over_images, parse_crop, region_metrics, valid_depth
-from vlm_depth.resources import resource_path
+from vlm_depth.eval.metrics import REGIONS, eval_mask, mean_over_images, parse_crop, region_metrics
+from vlm_depth.resources import load_yaml, resource_path
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ def _model_predictor(method: Method) -> Predictor:
 def _check_suite(suite: Suite, crop_override: str) -> None:
     """Fail before any work on a malformed protocol or dataset kind, or a model method this build cannot run."""
     from vlm_depth.data import parse_spec
-    from vlm_depth.prompts.sparsify import parse_protocol
+    from vlm_depth.data.sparsify import parse_protocol
 
     for entry in suite.datasets:
         parse_spec(entry.spec)
@@ -253,15 +254,9 @@ def _check_suite(suite: Suite, crop_override: str) -> None:
             _make_predictor_factory(method)
 
 
-def image_seed(seed: int, index: int) -> int:
-    """The sparsity seed of image `index`: the same for every method, independent across images."""
-    return int(np.random.SeedSequence((seed, index)).generate_state(1)[0])
-
-
 def _on_one_grid(sample) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, Any, str]:
     """(rgb, depth, gt, intrinsics, note) on one pixel grid: the depth grid when it is the RGB field of view at
     another size (the RGB is area-resized, since the reference lives on the depth grid), else the RGB grid."""
-    depth_is_gt = sample.gt is not None and sample.gt is sample.depth
     if sample.depth_matches_rgb and sample.meta.get("depth_intrinsics") is None:
         return sample.rgb, sample.depth, sample.gt, sample.intrinsics, ""
     if sample.meta.get("depth_intrinsics") is None:
@@ -269,8 +264,7 @@ def _on_one_grid(sample) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, Any
         rgb = cv2.resize(sample.rgb, (w, h), interpolation=cv2.INTER_AREA)
         note = f"Evaluated on the {w}x{h} depth grid (RGB {sample.width}x{sample.height} resized to it)."
         return rgb, sample.depth, sample.gt, sample.depth_intrinsics(), note
-    depth = sample.depth_at_rgb_resolution()
-    gt = depth if depth_is_gt else sample.gt_at_rgb_resolution()
+    depth, gt = sample.on_rgb_grid()
     note = "Depth mapped to the RGB grid by nearest lookup through its own intrinsics."
     return sample.rgb, depth, gt, sample.intrinsics, note
 
@@ -290,7 +284,7 @@ def _resolve_crop(crop: str, sample, shape: tuple[int, int]) -> tuple[int, int, 
 def prepare(sample, index: int, protocol: str, entry: DatasetEntry, cfg: EvalConfig) -> Prepared | None:
     """Sparse input, reference and fill/keep masks of one sample under `protocol`; None when the protocol leaves
     no valid input pixel (the image is then skipped for every method)."""
-    from vlm_depth.prompts.sparsify import parse_protocol, sparsify
+    from vlm_depth.data.sparsify import image_seed, parse_protocol, sparse_input
 
     rgb, depth, gt, intrinsics, grid_note = _on_one_grid(sample)
     depth_is_gt = gt is not None and gt is depth
@@ -301,15 +295,8 @@ def prepare(sample, index: int, protocol: str, entry: DatasetEntry, cfg: EvalCon
             "would also be the reference; use a sparsifying protocol (e.g. uniform:500) to hold sensor pixels out"
         )
     reference = depth if gt is None else gt
-    sparse = sparsify(
-        protocol,
-        reference,
-        rgb=rgb,
-        intrinsics=intrinsics,
-        sensor=None if (gt is None or depth_is_gt) else depth,
-        seed=image_seed(cfg.seed, index),
-    )
-    if not valid_depth(sparse).any():
+    sparse = sparse_input(protocol, rgb, depth, gt, intrinsics, image_seed(cfg.seed, index))
+    if not valid_mask(sparse).any():
         logger.warning("%s: protocol %s leaves no valid input pixel; image skipped", sample.name, protocol)
         return None
     min_depth = sample.meta.get("min_depth") or None
@@ -339,7 +326,7 @@ def _predict(predictor: Predictor, method: Method, item: Prepared) -> np.ndarray
         raise DataError(f"{item.name}: {exc}") from exc
     if pred.shape != item.sparse.shape:
         raise ModelError(f"{method.name} returned depth {pred.shape} for {item.name}, expected {item.sparse.shape}")
-    holes = item.masks["all"] & ~valid_depth(pred)
+    holes = item.masks["all"] & ~valid_mask(pred)
     if holes.any():
         raise ModelError(
             f"{method.name} left {int(holes.sum())} evaluated pixels of {item.name} without a depth (0 or "
@@ -369,7 +356,7 @@ def evaluate_cell(
         metrics = region_metrics(pred, item.reference, item.masks)
         for region in REGIONS:
             per_region[region].append(metrics[region])
-        density = float(valid_depth(item.sparse).mean())
+        density = float(valid_mask(item.sparse).mean())
         densities.append(density)
         sources[item.gt_source] += 1
         row = {"index": index, "name": item.name, "reference": item.gt_source, "input_density": density}

@@ -8,7 +8,6 @@
    normalised-convolution pyramid (`push_pull`, smooth, no edges), then an anchor-weighted guided filter with the
    RGB image as guide (`guided_fill`, He et al., TPAMI 2013) refits the depth locally as a linear function of colour,
    so depth edges follow image edges between anchors.
-3. Keep means keep: valid input pixels are copied into the output unchanged (unless the caller refines them).
 
 Depth is (H, W) float32 meters, 0 = missing, everywhere here; pixel (x, y) = (column, row).
 """
@@ -20,6 +19,7 @@ import math
 import cv2
 import numpy as np
 
+from vlm_depth.depth import valid_mask
 from vlm_depth.errors import ConfigError
 
 
@@ -176,18 +176,17 @@ def assemble(
     spreads: np.ndarray,
     *,
     radius: int,
-    keep_input: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Dense depth and uncertainty (H, W) float32 meters from answers and the input.
 
     rgb: (H, W, 3) uint8; sparse: (H, W) meters, 0 = missing; rows, cols, values, spreads: (n,) answered pixels,
     their depth and spread (non-finite values are ignored). Anchors: the answers, and the valid input pixels where no
-    answer was given. keep_input: copy valid input pixels into the output unchanged (`keep means keep`); their
-    uncertainty is 0. Without it (refining keep pixels) they are filled like every other pixel. Uncertainty
-    elsewhere is the answers' spread interpolated with `push_pull` (0 everywhere when there is no answer).
+    answer was given; every pixel, valid input included, is filled (`vlm_depth.depth.keep_input` then restores the
+    input where "keep means keep"). Uncertainty is the answers' spread interpolated with `push_pull` (0 everywhere
+    when there is no answer).
     """
-    valid = np.isfinite(sparse) & (sparse > 0)
-    ok = np.isfinite(values) & (values > 0)
+    valid = valid_mask(sparse)
+    ok = valid_mask(values)
     answer_rows, answer_cols = rows[ok], cols[ok]
     anchors = np.where(valid, sparse, 0).astype(np.float32)
     weights = valid.astype(np.float32)
@@ -201,8 +200,4 @@ def assemble(
     spread_weight = np.zeros_like(anchors)
     spread_anchor[answer_rows, answer_cols] = np.nan_to_num(spreads[ok], nan=0.0)
     spread_weight[answer_rows, answer_cols] = 1.0
-    uncertainty = push_pull(spread_anchor, spread_weight)
-    if keep_input:
-        depth = np.where(valid, sparse, depth).astype(np.float32)
-        uncertainty = np.where(valid, np.float32(0), uncertainty).astype(np.float32)
-    return depth, uncertainty
+    return depth, push_pull(spread_anchor, spread_weight)

@@ -24,7 +24,8 @@ import torch
 from vlm_depth.config import BenchConfig
 from vlm_depth.errors import ConfigError
 from vlm_depth.infer.complete import chat_layout, load_checkpoint, pixel_queries
-from vlm_depth.infer.decoder import QueryDecoder, decode_naive
+from vlm_depth.infer.decoder import QueryDecoder
+from vlm_depth.infer.naive import decode_naive
 
 NEAR_TIE = 1e-5
 

@@ -26,10 +26,12 @@ import torch
 from tqdm.auto import tqdm
 
 from vlm_depth.data.sample import RGBDSample
+from vlm_depth.depth import keep_input, valid_mask
 from vlm_depth.errors import ConfigError, DataError, ModelError
+from vlm_depth.infer.answers import FLAG_CLIPPED, QueryAnswers
 from vlm_depth.infer.assemble import assemble, cell_pixels, refinement_pixels, stride_for_budget
 from vlm_depth.infer.config import CompleteConfig, ReadoutSettings
-from vlm_depth.infer.decoder import FLAG_CLIPPED, QueryAnswers, QueryDecoder
+from vlm_depth.infer.decoder import QueryDecoder
 from vlm_depth.prompts.chat import ChatLayout, QueryTokens
 
 logger = logging.getLogger(__name__)
@@ -107,21 +109,20 @@ def query_readout(
     start = time.perf_counter()
     layout = chat_layout(model, processor.tokenizer)
     decoder = QueryDecoder(model, layout, max_queries_per_pass=settings.max_queries_per_pass, packing=settings.packing)
-    valid = sparse > 0
+    valid = valid_mask(sparse)
     inputs = processor(rgb, sparse if valid.any() else None, text=layout.prefix_text())
     prefix = decoder.encode_prefix(inputs)
     timings["prefix_s"] = time.perf_counter() - start
 
     stride = settings.stride or stride_for_budget(sparse.shape, settings.num_queries)
-    keep = not settings.refine_keep
-    askable = ~valid if keep else np.ones_like(valid)
+    askable = np.ones_like(valid) if settings.refine_keep else ~valid
 
     def ask(rows: np.ndarray, cols: np.ndarray) -> QueryAnswers:
         queries = pixel_queries(layout, processor, sparse, rows, cols)
         return _within_range(decoder.decode(prefix, queries, progress), model)
 
     def fill(rows: np.ndarray, cols: np.ndarray, answers: QueryAnswers) -> tuple[np.ndarray, np.ndarray]:
-        return assemble(rgb, sparse, rows, cols, answers.value, answers.spread, radius=stride, keep_input=keep)
+        return assemble(rgb, sparse, rows, cols, answers.value, answers.spread, radius=stride)
 
     start = time.perf_counter()
     rows, cols = cell_pixels(askable, stride)
@@ -224,9 +225,7 @@ def complete(
     out = READOUTS[readout](model, processor, rgb, sparse, settings, progress)
     depth, uncertainty = out.depth.astype(np.float32), out.uncertainty.astype(np.float32)
     if not settings.refine_keep:
-        valid = sparse > 0
-        depth = np.where(valid, sparse, depth)
-        uncertainty = np.where(valid, np.float32(0), uncertainty)
+        depth, uncertainty = keep_input(depth, sparse, uncertainty)
     elapsed = time.perf_counter() - start
     stats = {**out.stats, "readout": readout, "seconds": elapsed, "pixels_per_s": depth.size / max(elapsed, 1e-9)}
     return CompletionResult(depth, uncertainty, stats)

@@ -18,14 +18,13 @@ a chunk are implemented (`packing`): `batch` (default) puts one query per batch 
 grows linearly with the chunk; `packed` puts the whole chunk in one row (batch 1), so every token's own attention
 spans all blocks of the chunk (quadratic). `vlm-depth bench decoder --packing packed|batch` measures both (README).
 
-Per query the decoder returns the greedy value (meters, parsed with `parse_meters`), the expected value and a
-spread from the digit distributions along the greedy path (see `number_moments`), and flags; it never raises on a
-strange answer.
+Per query the decoder returns `vlm_depth.infer.answers.QueryAnswers`: the greedy value (meters), the expected value
+and a spread from the digit distributions along the greedy path, and flags; it never raises on a strange answer.
+The reference it is tested against, one `generate()` per pixel, is `vlm_depth.infer.naive.decode_naive`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -35,154 +34,13 @@ import torch
 from tqdm.auto import tqdm
 
 from vlm_depth.errors import ConfigError, ModelError
+from vlm_depth.infer.answers import AnswerRecorder, QueryAnswers, step_stats
 from vlm_depth.infer.prefix_attention import shared_prefix_attention
 from vlm_depth.model.packing import PAD, block_attention_mask, packed_position_ids, with_block_positions
 from vlm_depth.prompts.chat import ChatLayout, QueryTokens
-from vlm_depth.prompts.digits import digit_moments, digit_places
-from vlm_depth.prompts.numbers import format_meters, parse_meters
+from vlm_depth.prompts.grammar import NumberGrammar
 
 Packing = Literal["batch", "packed"]
-
-# Per-query flags (bit mask).
-FLAG_FORCED = 1  # at some number position the model's top token over the whole vocabulary broke the grammar
-FLAG_CLIPPED = 2  # the integer part hit its maximum length while the model wanted another digit (or, set by the
-# readout, the value exceeded the checkpoint's max_depth)
-FLAG_UNPARSEABLE = 4  # the decoded text did not parse (value is NaN); cannot happen under the grammar
-
-POINT = 10  # choice index of the decimal point; choices 0-9 are the digits
-
-
-@dataclass
-class GrammarState:
-    """Per query: integer digits written, decimals written (-1 before the point), leading zero written."""
-
-    n_int: torch.Tensor
-    n_frac: torch.Tensor
-    lead_zero: torch.Tensor
-
-    def select(self, index: torch.Tensor) -> GrammarState:
-        return GrammarState(self.n_int[index], self.n_frac[index], self.lead_zero[index])
-
-
-class NumberGrammar:
-    """The format of an answer's number as a state machine over 11 choices (digits 0-9, the point).
-
-    Valid numbers: 1 to `max_int_digits` integer digits without a leading zero (except "0"), a point, then exactly
-    `decimals` digits: what `format_meters` writes. `max_int_digits` follows from the formatter's clipping.
-    """
-
-    def __init__(self, digit_ids: Sequence[int], point_id: int, decimals: int, max_int_digits: int) -> None:
-        if decimals < 1:
-            raise ConfigError(
-                f"the decoder needs answers with decimals >= 1 (the point ends the integer part), got {decimals}"
-            )
-        if len(digit_ids) != 10:
-            raise ConfigError(f"expected 10 digit token ids, got {len(digit_ids)}")
-        self.choice_ids = torch.tensor([*digit_ids, point_id], dtype=torch.long)
-        self.decimals = decimals
-        self.max_int_digits = max_int_digits
-        self.max_tokens = max_int_digits + 1 + decimals
-
-    @classmethod
-    def from_layout(cls, layout: ChatLayout) -> NumberGrammar:
-        decimals = layout.textualizer.decimals
-        max_int = len(format_meters(1e12, decimals).split(".")[0])
-        return cls(layout.digit_ids, layout.point_id, decimals, max_int)
-
-    def start(self, n: int, device: torch.device | str = "cpu") -> GrammarState:
-        zeros = torch.zeros(n, dtype=torch.long, device=device)
-        return GrammarState(zeros, zeros - 1, torch.zeros(n, dtype=torch.bool, device=device))
-
-    def allowed(self, state: GrammarState) -> torch.Tensor:
-        """(n, 11) bool: which choices may come next."""
-        before_point = state.n_frac < 0
-        digit_ok = (before_point & (state.n_int < self.max_int_digits) & ~state.lead_zero) | (
-            ~before_point & (state.n_frac < self.decimals)
-        )
-        point_ok = before_point & (state.n_int > 0)
-        return torch.cat([digit_ok[:, None].expand(-1, 10), point_ok[:, None]], dim=1)
-
-    def advance(self, state: GrammarState, choice: torch.Tensor) -> GrammarState:
-        """State after `choice` (n,) (assumed allowed)."""
-        before_point = state.n_frac < 0
-        is_point = choice == POINT
-        lead_zero = state.lead_zero | (before_point & (state.n_int == 0) & (choice == 0))
-        n_int = state.n_int + (before_point & ~is_point).long()
-        n_frac = torch.where(is_point, 0, torch.where(before_point, state.n_frac, state.n_frac + 1))
-        return GrammarState(n_int, n_frac, lead_zero)
-
-    def done(self, state: GrammarState) -> torch.Tensor:
-        return state.n_frac >= self.decimals
-
-    def text(self, choices: Sequence[int]) -> str:
-        return "".join("." if c == POINT else str(c) for c in choices)
-
-    def choices_of(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Choice index of each token id (-1 for tokens outside the grammar's alphabet)."""
-        vocab = int(max(int(token_ids.max()) if token_ids.numel() else 0, int(self.choice_ids.max()))) + 1
-        lookup = torch.full((vocab,), -1, dtype=torch.long, device=token_ids.device)
-        lookup[self.choice_ids.to(token_ids.device)] = torch.arange(11, device=token_ids.device)
-        return lookup[token_ids]
-
-
-def number_moments(places: Sequence[float], means: np.ndarray, variances: np.ndarray) -> tuple[float, float]:
-    """Expected value and spread (meters) of one decoded number from its digit distributions.
-
-    places: place value of each decoded token (`vlm_depth.prompts.digits.digit_places`: 10, 1, 0 for the point, 0.1,
-    ...); means, variances: (tokens,) E[digit] and Var[digit] at each step. A digit at place 10^k contributes
-    10^k * E[digit] to the expected value and 10^2k * Var[digit] to the variance (positions taken as independent,
-    each distribution conditioned on the greedy digits before it, as in the numeric training loss). The spread is
-    the square root of that variance; it does not cover doubt about the number of integer digits.
-    """
-    places = np.asarray(places, dtype=np.float64)
-    expected = float(places @ means[: len(places)])
-    return expected, float(np.sqrt(places**2 @ variances[: len(places)]))
-
-
-@dataclass
-class QueryAnswers:
-    """Answers of n queries. value/expected/spread: (n,) float32 meters (value NaN if unparseable); flags: (n,)
-    uint8 `FLAG_*` bits; margin: (n,) smallest gap between the best and second-best allowed logit over the decoded
-    positions (near-ties); tokens: the number's token ids per query."""
-
-    value: np.ndarray
-    expected: np.ndarray
-    spread: np.ndarray
-    flags: np.ndarray
-    margin: np.ndarray
-    tokens: list[list[int]]
-
-    def __len__(self) -> int:
-        return len(self.value)
-
-    def select(self, index: np.ndarray) -> QueryAnswers:
-        return QueryAnswers(
-            self.value[index],
-            self.expected[index],
-            self.spread[index],
-            self.flags[index],
-            self.margin[index],
-            [self.tokens[i] for i in index],
-        )
-
-    @staticmethod
-    def concat(parts: Sequence[QueryAnswers]) -> QueryAnswers:
-        """The answers of `parts`, one after the other."""
-        if not parts:
-            empty = np.zeros(0, dtype=np.float32)
-            return QueryAnswers(empty, empty, empty, np.zeros(0, np.uint8), empty, [])
-        arrays = (
-            np.concatenate([getattr(p, f) for p in parts]) for f in ("value", "expected", "spread", "flags", "margin")
-        )
-        return QueryAnswers(*arrays, [t for p in parts for t in p.tokens])
-
-    def counts(self) -> dict[str, int]:
-        return {
-            "queries": len(self),
-            "forced": int((self.flags & FLAG_FORCED).astype(bool).sum()),
-            "clipped": int((self.flags & FLAG_CLIPPED).astype(bool).sum()),
-            "unparseable": int((self.flags & FLAG_UNPARSEABLE).astype(bool).sum()),
-        }
 
 
 @dataclass
@@ -196,60 +54,6 @@ class PrefixCache:
     image_embeds: torch.Tensor
     image_grid_thw: torch.Tensor
     extended: dict[tuple[int, ...], PrefixCache] = field(default_factory=dict, repr=False)  # by shared block text
-
-
-@dataclass
-class StepStats:
-    """One decoding step of m queries: greedy choice (m,), digit mean and variance (m,), FLAG_* bits (m,) uint8 and
-    the gap between the two best allowed logits (m,) (inf when only one choice is allowed)."""
-
-    choice: torch.Tensor
-    mean: torch.Tensor
-    var: torch.Tensor
-    flags: torch.Tensor
-    gap: torch.Tensor
-
-
-def _step_stats(grammar: NumberGrammar, logits: torch.Tensor, state: GrammarState) -> StepStats:
-    """Greedy grammar-constrained choice and its statistics from full-vocabulary logits (m, vocab)."""
-    sub = logits[:, grammar.choice_ids.to(logits.device)].float()
-    allowed = grammar.allowed(state)
-    masked = sub.masked_fill(~allowed, -math.inf)
-    top2 = masked.topk(2, dim=-1).values
-    gap = torch.where(torch.isinf(top2[:, 1]), math.inf, top2[:, 0] - top2[:, 1])
-    full_best = grammar.choices_of(logits.argmax(dim=-1))
-    broke = (full_best < 0) | ~allowed.gather(1, full_best.clamp(min=0)[:, None])[:, 0]
-    at_limit = (state.n_frac < 0) & (state.n_int >= grammar.max_int_digits) & ~state.lead_zero
-    clipped = at_limit & (sub[:, :POINT].max(dim=-1).values > sub[:, POINT])
-    mean, var = digit_moments(sub[:, :POINT])
-    flags = (broke.to(torch.uint8) * FLAG_FORCED) | (clipped.to(torch.uint8) * FLAG_CLIPPED)
-    return StepStats(masked.argmax(dim=-1), mean, var, flags, gap)
-
-
-def _answers_from_steps(
-    grammar: NumberGrammar,
-    choices: np.ndarray,
-    means: np.ndarray,
-    variances: np.ndarray,
-    flags: np.ndarray,
-    margin: np.ndarray,
-) -> QueryAnswers:
-    """Per-step records (n, steps) (choice -1 = no step) -> answers: text parsed by `parse_meters`, moments."""
-    n = len(choices)
-    values, expected, spread = (np.full(n, np.nan, dtype=np.float32) for _ in range(3))
-    tokens = []
-    choice_ids = grammar.choice_ids.tolist()
-    digit_ids, point_id = choice_ids[:POINT], choice_ids[POINT]
-    for i, row in enumerate(choices):
-        picked = [int(c) for c in row if c >= 0]
-        tokens.append([choice_ids[c] for c in picked])
-        expected[i], spread[i] = number_moments(digit_places(tokens[-1], digit_ids, point_id), means[i], variances[i])
-        parsed = parse_meters(grammar.text(picked))
-        if parsed.ok:
-            values[i] = parsed.value
-        else:
-            flags[i] |= FLAG_UNPARSEABLE
-    return QueryAnswers(values, expected, spread, flags, margin, tokens)
 
 
 class QueryDecoder:
@@ -458,23 +262,12 @@ class QueryDecoder:
         n = len(chunk)
         batched = self.packing == "batch"
         choice_ids = grammar.choice_ids.to(device)
-        steps = grammar.max_tokens
-        choices = np.full((n, steps), -1, dtype=np.int64)
-        means = np.zeros((n, steps), dtype=np.float32)
-        variances = np.zeros((n, steps), dtype=np.float32)
-        flags = np.zeros(n, dtype=np.uint8)
-        margin = np.full(n, np.inf, dtype=np.float32)
+        record = AnswerRecorder(grammar, n)
         active = torch.arange(n, device=device)
         state = grammar.start(n, device)
-        for step in range(steps):
-            stats = _step_stats(grammar, logits, state)
-            rows = active.cpu().numpy()
-            choices[rows, step] = stats.choice.cpu().numpy()
-            means[rows, step] = stats.mean.cpu().numpy()
-            variances[rows, step] = stats.var.cpu().numpy()
-            flags[rows] |= stats.flags.cpu().numpy()
-            margin[rows] = np.minimum(margin[rows], stats.gap.cpu().numpy())
-
+        for step in range(grammar.max_tokens):
+            stats = step_stats(grammar, logits, state)
+            record.record(active.cpu().numpy(), step, stats, stats.choice)
             choice = stats.choice
             state = grammar.advance(state, choice)
             going = ~grammar.done(state)
@@ -495,95 +288,4 @@ class QueryDecoder:
             logits = self._forward(
                 self._embed(new_ids, base, None), positions, segments, cache, base, 1 if batched else 0
             )
-        return _answers_from_steps(grammar, choices, means, variances, flags, margin)
-
-
-class GrammarLogitsProcessor:
-    """`generate()` logits processor enforcing `NumberGrammar` on the tokens after `prompt_length`, then forcing
-    `eos_token_id` once the number is complete: the naive reference decoder's constraint."""
-
-    def __init__(self, grammar: NumberGrammar, prompt_length: int, eos_token_id: int) -> None:
-        self.grammar = grammar
-        self.prompt_length = prompt_length
-        self.eos_token_id = eos_token_id
-
-    def state(self, input_ids: torch.Tensor) -> GrammarState:
-        state = self.grammar.start(input_ids.shape[0], input_ids.device)
-        for column in input_ids[:, self.prompt_length :].T:
-            state = self.grammar.advance(state, self.grammar.choices_of(column).clamp(min=0))
-        return state
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        state = self.state(input_ids)
-        allowed = self.grammar.allowed(state)
-        done = self.grammar.done(state)
-        bias = torch.full_like(scores, -math.inf)
-        choice_ids = self.grammar.choice_ids.to(scores.device)
-        bias[:, choice_ids] = torch.where(allowed, 0.0, -math.inf).to(scores.dtype)
-        bias[done] = -math.inf
-        bias[done, self.eos_token_id] = 0.0
-        return scores + bias
-
-
-def _naive_inputs(inputs: Any, query: QueryTokens, device: torch.device) -> dict[str, torch.Tensor]:
-    block = torch.tensor(query.prompt + query.answer_prefix, dtype=torch.long)
-    input_ids = torch.cat([inputs["input_ids"][0].cpu(), block])[None]
-    mm_types = torch.cat([inputs["mm_token_type_ids"][0].cpu(), torch.zeros_like(block, dtype=torch.int)])[None]
-    out = {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "mm_token_type_ids": mm_types.to(inputs["mm_token_type_ids"].dtype),
-        "pixel_values": inputs["pixel_values"],
-        "image_grid_thw": inputs["image_grid_thw"],
-    }
-    if inputs.get("depth_values") is not None:
-        out["depth_values"] = inputs["depth_values"]
-    if query.pointer_xy:
-        out["pointer_xy"] = torch.tensor(query.pointer_xy, dtype=torch.float32)
-    return {k: v.to(device) for k, v in out.items()}
-
-
-@torch.no_grad()
-def decode_naive(
-    model, layout: ChatLayout, inputs: Any, queries: Sequence[QueryTokens], progress: bool = False
-) -> QueryAnswers:
-    """Reference decoder: one `model.generate()` per query on the full sequence (prefix + block, image and depth
-    re-encoded every time), greedy under the same grammar (`GrammarLogitsProcessor`). The expected value, spread,
-    flags and margins come from the raw logits of each generated step, computed as in `QueryDecoder`."""
-    from transformers import LogitsProcessorList
-
-    grammar = NumberGrammar.from_layout(layout)
-    eos = layout.tokenizer.eos_token_id
-    device = model.get_input_embeddings().weight.device
-    steps = grammar.max_tokens
-    n = len(queries)
-    choices = np.full((n, steps), -1, dtype=np.int64)
-    means = np.zeros((n, steps), dtype=np.float32)
-    variances = np.zeros((n, steps), dtype=np.float32)
-    flags = np.zeros(n, dtype=np.uint8)
-    margin = np.full(n, np.inf, dtype=np.float32)
-    for i, query in enumerate(tqdm(queries, desc="naive generate", unit="query", disable=not progress)):
-        args = _naive_inputs(inputs, query, device)
-        length = args["input_ids"].shape[1]
-        out = model.generate(
-            **args,
-            logits_processor=LogitsProcessorList([GrammarLogitsProcessor(grammar, length, eos)]),
-            max_new_tokens=steps + 1,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=layout.tokenizer.pad_token_id,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-        number = out.sequences[0, length:]
-        state = grammar.start(1, device)
-        for step, token in enumerate(number.tolist()):
-            if bool(grammar.done(state)[0]):
-                break
-            stats = _step_stats(grammar, out.logits[step].to(device), state)
-            choice = int(grammar.choices_of(torch.tensor([token], device=device))[0])
-            choices[i, step], means[i, step], variances[i, step] = choice, stats.mean[0], stats.var[0]
-            flags[i] |= int(stats.flags[0])
-            margin[i] = min(margin[i], float(stats.gap[0]))
-            state = grammar.advance(state, torch.tensor([max(choice, 0)], device=device))
-    return _answers_from_steps(grammar, choices, means, variances, flags, margin)
+        return record.answers()

@@ -1,8 +1,8 @@
 """Files written by `vlm-depth complete` for one image: depth (16-bit PNG in millimetres and float32 .npy in meters),
 colour maps, a comparison panel and a point cloud.
 
-Depth files go through `vlm_depth.data.depth_io` (the one place of depth encodings). Colour maps use matplotlib's
-colormaps; missing depth is black.
+Depth files go through `vlm_depth.data.depth_io` (the one place of depth encodings); colours come from
+`vlm_depth.depth.colorize` (matplotlib colormaps; missing depth is black).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from vlm_depth.data.depth_io import UINT16_MAX, write_depth_npy, write_depth_png, write_rgb
+from vlm_depth.depth import colorize, depth_range, valid_mask
 from vlm_depth.errors import ConfigError
 
 Intrinsics = tuple[float, float, float, float]
@@ -36,48 +37,20 @@ def parse_range(text: str) -> tuple[float, float] | None:
     return low, high
 
 
-def value_range(values: np.ndarray, fixed: tuple[float, float] | None = None) -> tuple[float, float]:
-    """Colour range (meters): `fixed` if given, else the 2nd-98th percentile of the valid (> 0, finite) values."""
-    if fixed is not None:
-        return fixed
-    valid = values[np.isfinite(values) & (values > 0)]
-    if valid.size == 0:
-        return 0.0, 1.0
-    low, high = np.percentile(valid, [2, 98])
-    return float(low), float(max(high, low + 1e-3))
-
-
-def colorize(values: np.ndarray, vrange: tuple[float, float], cmap: str = "turbo") -> np.ndarray:
-    """(H, W) values -> (H, W, 3) uint8 RGB through the matplotlib colormap `cmap` over `vrange`; values <= 0 or
-    non-finite (missing) are black."""
-    import matplotlib
-
-    try:
-        colormap = matplotlib.colormaps[cmap]
-    except KeyError as err:
-        raise ConfigError(f"unknown matplotlib colormap {cmap!r}") from err
-    low, high = vrange
-    valid = np.isfinite(values) & (values > 0)
-    scaled = np.clip((np.where(valid, values, low) - low) / (high - low), 0.0, 1.0)
-    rgb = (colormap(scaled)[..., :3] * 255.0 + 0.5).astype(np.uint8)
-    rgb[~valid] = 0
-    return rgb
-
-
 def compare_panel(
     rgb: np.ndarray,
     sparse: np.ndarray,
     depth: np.ndarray,
     uncertainty: np.ndarray,
-    depth_range: tuple[float, float],
+    vrange: tuple[float, float],
     cmap: str = "turbo",
 ) -> np.ndarray:
     """(H, 4 W, 3) uint8: RGB | input depth | completed depth (same colour range) | uncertainty, labelled."""
-    unc_range = value_range(uncertainty)
+    unc_range = depth_range(uncertainty)
     tiles = [
         ("RGB", rgb),
-        ("input depth", colorize(sparse, depth_range, cmap)),
-        ("completed depth", colorize(depth, depth_range, cmap)),
+        ("input depth", colorize(sparse, vrange, cmap)),
+        ("completed depth", colorize(depth, vrange, cmap)),
         ("uncertainty", colorize(uncertainty, (0.0, unc_range[1]), "magma")),
     ]
     scale = max(0.4, rgb.shape[0] / 480)
@@ -103,7 +76,7 @@ def point_cloud(depth: np.ndarray, rgb: np.ndarray, intrinsics: Intrinsics) -> t
     """Back-project valid depth (H, W) meters with (fx, fy, cx, cy): points (n, 3) float32 in meters in the camera
     frame (x right, y down, z forward) and their colours (n, 3) uint8."""
     fx, fy, cx, cy = intrinsics
-    rows, cols = np.nonzero(np.isfinite(depth) & (depth > 0))
+    rows, cols = np.nonzero(valid_mask(depth))
     z = depth[rows, cols].astype(np.float32)
     points = np.stack([(cols - cx) / fx * z, (rows - cy) / fy * z, z], axis=1).astype(np.float32)
     return points, rgb[rows, cols]
@@ -159,8 +132,8 @@ def write_completion(
             int(beyond.sum()),
             UINT16_MAX / PNG_SCALE,
         )
-    vrange = value_range(depth, color_range)
-    unc_range = (0.0, value_range(uncertainty)[1])
+    vrange = depth_range(depth, color_range)
+    unc_range = (0.0, depth_range(uncertainty)[1])
     paths = {
         "depth_png": write_depth_png(out / f"{name}_depth.png", np.where(beyond, 0, depth), scale=PNG_SCALE),
         "depth_npy": write_depth_npy(out / f"{name}_depth.npy", depth),

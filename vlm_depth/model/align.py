@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vlm_depth.prompts.masks import valid_mask
+from vlm_depth.depth import valid_mask
 
 
 def processor_grid(height: int, width: int, image_processor) -> tuple[int, int]:

@@ -31,7 +31,7 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 from vlm_depth.errors import ConfigError, ModelError
 from vlm_depth.model.align import patchify, unpatchify
 from vlm_depth.model.branch_config import DepthBranchConfig
-from vlm_depth.model.encodings import encode_depth, encoded_channels
+from vlm_depth.model.encodings import depth_features, encoded_channels
 from vlm_depth.model.fusion import DepthFusion
 from vlm_depth.model.mdm_head import MDMHead, build_mdm_head, mdm_depth
 from vlm_depth.model.patch_embed import DepthPatchEmbed, wrap_patch_embed
@@ -165,7 +165,7 @@ class DepthVLM(Qwen2_5_VLForConditionalGeneration):
             raise ModelError(f"depth_values has {depth_values.shape[0]} rows but pixel_values {pixel_values.shape[0]}")
         depths = unpatchify(depth_values.float(), image_grid_thw, 1, *shape)
         if self.depth_cfg.fusion == "hard_concat":
-            outputs = [encode_depth(d[None], self.depth_cfg) for d in depths]
+            outputs = [depth_features(d[None], self.depth_cfg) for d in depths]
         else:
             rgbs = unpatchify(pixel_values, image_grid_thw, 3, *shape)
             outputs: list[torch.Tensor | None] = [None] * len(depths)

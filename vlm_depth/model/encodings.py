@@ -20,9 +20,9 @@ import math
 
 import torch
 
+from vlm_depth.depth import valid_mask
 from vlm_depth.errors import ConfigError
 from vlm_depth.model.branch_config import DepthBranchConfig
-from vlm_depth.prompts.masks import valid_mask
 
 PDE_TEMPERATURE = 10000.0
 # Valid depth is clamped from below for `inverse`/`log` so a stray 1e-30 m cannot overflow float32.
@@ -30,7 +30,7 @@ MIN_DEPTH = 0.01
 
 
 def encoded_channels(cfg: DepthBranchConfig) -> int:
-    """Channels of `encode_depth`'s output: 1 validity mask + the encoding's channels."""
+    """Channels of `depth_features`'s output: 1 validity mask + the encoding's channels."""
     if cfg.depth_encoding == "pde":
         if cfg.pde_channels < 2 or cfg.pde_channels % 2:
             raise ConfigError(f"pde_channels must be an even number >= 2, got {cfg.pde_channels}")
@@ -40,7 +40,7 @@ def encoded_channels(cfg: DepthBranchConfig) -> int:
     raise ConfigError(f"unknown depth_encoding {cfg.depth_encoding!r}; choose metric, inverse, log or pde")
 
 
-def encode_depth(depth: torch.Tensor, cfg: DepthBranchConfig) -> torch.Tensor:
+def depth_features(depth: torch.Tensor, cfg: DepthBranchConfig) -> torch.Tensor:
     """Encode sparse depth (B, 1, H, W) float meters, 0 / non-finite = missing, into (B, C, H, W) float32 features.
 
     Channel 0 is the validity mask (1 valid, 0 missing); channels 1.. are the encoding (`cfg.depth_encoding`),

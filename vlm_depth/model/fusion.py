@@ -2,7 +2,7 @@
 the sparse depth on the processor's grid into O (B, 3, H', W'), which F_e2 (a second patch embedding) embeds and
 adds to the native patch tokens.
 
-    depth -> encode_depth -> conv3x3 (zero-init for `soft`) + BN + LeakyReLU      = S-hat (depth_channels)
+    depth -> depth_features -> conv3x3 (zero-init for `soft`) + BN + LeakyReLU      = S-hat (depth_channels)
     rgb   -> conv3x3 + BN + LeakyReLU                                           = F-hat (rgb_channels)
     [S-hat, F-hat] -> 2 x (conv3x3 + BN + LeakyReLU) (fusion_channels) -> conv3x3 to 3 (zero-init for `soft`) = O
 
@@ -28,7 +28,7 @@ from torch import nn
 
 from vlm_depth.errors import ConfigError
 from vlm_depth.model.branch_config import DepthBranchConfig
-from vlm_depth.model.encodings import encode_depth, encoded_channels
+from vlm_depth.model.encodings import depth_features, encoded_channels
 
 RECEPTIVE_RADIUS = 4
 LEAKY_SLOPE = 0.01
@@ -82,6 +82,6 @@ class DepthFusion(nn.Module):
                 f"expected rgb (B, 3, H, W) and depth (B, 1, H, W), got {tuple(rgb.shape)} and {tuple(depth.shape)}"
             )
         dtype = self.out.weight.dtype
-        s_hat = self.depth_conv(encode_depth(depth, self.cfg).to(dtype))
+        s_hat = self.depth_conv(depth_features(depth, self.cfg).to(dtype))
         f_hat = self.rgb_encoder(rgb.to(dtype))
         return self.out(self.fuse(torch.cat([s_hat, f_hat], dim=1)))

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from transformers import BatchFeature
 
-from vlm_depth.data.sample import ASPECT_TOLERANCE
+from vlm_depth.depth import ASPECT_TOLERANCE, same_aspect
 from vlm_depth.errors import DataError, ModelError
 from vlm_depth.model.align import patchify, processor_grid, resize_depth
 from vlm_depth.model.branch_config import DepthBranchConfig
@@ -41,7 +41,7 @@ def _check_depth(depth: np.ndarray | None, rgb_shape: tuple[int, int], index: in
         got = f"{depth.dtype} {depth.shape}" if isinstance(depth, np.ndarray) else type(depth).__name__
         raise DataError(f"depth[{index}]: expected a (H, W) array of meters, got {got}")
     (h, w), (rgb_h, rgb_w) = depth.shape, rgb_shape
-    if (h, w) != (rgb_h, rgb_w) and abs((w / h) / (rgb_w / rgb_h) - 1) > ASPECT_TOLERANCE:
+    if not same_aspect(depth.shape, rgb_shape):
         raise DataError(
             f"depth[{index}] is {w}x{h} but rgb[{index}] is {rgb_w}x{rgb_h}: aspect ratios differ by more than "
             f"{ASPECT_TOLERANCE:.0%}; crop or pad one of them so they cover the same view"
@@ -107,7 +107,7 @@ class DepthProcessor:
     def default_prompt(self) -> str:
         """Chat text of one user turn: the image, then the template's shared instruction; ends with the assistant
         header (`add_generation_prompt=True`)."""
-        from vlm_depth.prompts.textualize import PromptTemplate
+        from vlm_depth.prompts.template import PromptTemplate
 
         content = [{"type": "image"}]
         instruction = PromptTemplate.load(self.template).instruction

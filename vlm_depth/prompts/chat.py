@@ -14,7 +14,8 @@ import math
 from dataclasses import dataclass, field
 
 from vlm_depth.prompts.numbers import format_meters
-from vlm_depth.prompts.textualize import PromptTemplate, Query, Textualizer
+from vlm_depth.prompts.template import PromptTemplate
+from vlm_depth.prompts.textualize import Query, Textualizer
 
 DIGITS = "0123456789"
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from vlm_depth.data.sample import RGBDSample
+from vlm_depth.data.sparsify import sparse_input
 from vlm_depth.errors import DataError
 from vlm_depth.model.packing import PAD, PREFIX
 from vlm_depth.prompts.chat import ChatLayout
@@ -49,26 +50,6 @@ class QuerySpec:
     mdm: MDMSpec | None = None  # MDM masking policy; None = no MDM fields
 
 
-def sparse_input(sample: RGBDSample, protocol: str, seed: int) -> np.ndarray:
-    """The sparse input (H, W) float32 meters on the RGB grid: the sample's own depth for `sensor`, else the
-    protocol applied to its ground truth (which must exist)."""
-    if protocol == "sensor":
-        return sample.depth_at_rgb_resolution()
-    from vlm_depth.prompts.sparsify import sparsify
-
-    gt = sample.gt_at_rgb_resolution()
-    if gt is None:
-        raise DataError(f"{sample.name}: protocol {protocol!r} samples the ground truth, but the sample has none")
-    return sparsify(
-        protocol,
-        gt,
-        rgb=sample.rgb,
-        intrinsics=sample.intrinsics,
-        sensor=sample.depth_at_rgb_resolution(),
-        seed=seed,
-    )
-
-
 class ExampleBuilder:
     """Turns one `RGBDSample` into one packed row (a dict of tensors); deterministic given `rng` and `seed`."""
 
@@ -81,9 +62,10 @@ class ExampleBuilder:
 
     def __call__(self, sample: RGBDSample, rng: np.random.Generator, seed: int) -> Batch:
         spec = self.spec
-        depth = sparse_input(sample, spec.protocol, seed)
-        # Label-free: the ground truth is never read (it may be absent or poisoned).
-        gt = sample.gt_at_rgb_resolution() if spec.label_source == "gt" else None
+        sensor, reference = sample.on_rgb_grid()
+        depth = sparse_input(spec.protocol, sample.rgb, sensor, reference, sample.intrinsics, seed)
+        # Label-free: the ground truth is never read for labels (it may be absent or poisoned).
+        gt = reference if spec.label_source == "gt" else None
         if spec.label_source == "gt" and gt is None:
             raise DataError(f"{sample.name}: label_source 'gt' needs ground truth, but the sample has none")
         shown, queries = select_queries(

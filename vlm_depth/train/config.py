@@ -76,7 +76,7 @@ class TrainConfig(DepthBranchConfig):
     )
     protocol: str = _help(
         "Sparse input: `sensor` (the dataset's own depth as-is) or a sparsity protocol applied to the ground truth "
-        "(vlm_depth.prompts.sparsify, e.g. `uniform:500`, `lidar:64`, `blocks:medium`).",
+        "(vlm_depth.data.sparsify, e.g. `uniform:500`, `lidar:64`, `blocks:medium`).",
         default="sensor",
     )
     label_source: Literal["sparse", "gt"] = _help(

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from vlm_depth.data.sample import RGBDSample
+from vlm_depth.data.sparsify import image_seed
 from vlm_depth.train.collator import Batch, ExampleBuilder
 
 
@@ -53,8 +54,7 @@ class PackedQueryStream(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int) -> Batch:
         rng = np.random.default_rng([self.seed, position, 1])
-        protocol_seed = int(np.random.SeedSequence([self.seed, position, 2]).generate_state(1)[0])
-        return self.builder(self.sample(self.image_index(position)), rng, protocol_seed)
+        return self.builder(self.sample(self.image_index(position)), rng, image_seed(self.seed, position, 2))
 
 
 class StepBatchSampler(torch.utils.data.Sampler[list[int]]):

@@ -1,6 +1,6 @@
 """MDM training: LingBot-Depth's masking of the depth patches, the MDM labels, and the MDM losses.
 
-Masking. Patch decisions come from the shared mask module (`vlm_depth.prompts.masks`: `valid_mask` ->
+Masking. Patch decisions come from the shared mask module (`vlm_depth.model.patch_mask`: `valid_mask` ->
 `patch_states` -> `mdm_patch_mask`), on the depth the depth branch would see (`depth_values`, the sparse input after
 the textualizer's hold-out, resized to the processor's grid). They are decided on the 14-px grid of the vision tower,
 not the 28-px merged grid, because depth enters per 14-px patch: a row of `depth_values` is one patch, F_e2 embeds
@@ -40,9 +40,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vlm_depth.depth import valid_mask
 from vlm_depth.errors import ConfigError, DataError
 from vlm_depth.model.align import patchify, processor_grid, resize_depth, unpatchify
-from vlm_depth.prompts.masks import mdm_patch_mask, patch_states, valid_mask
+from vlm_depth.model.patch_mask import mdm_patch_mask, patch_states
 
 MDM_MODES = ("off", "head_only", "joint")
 MDM_SUMS = ("loss_sum", "l1_masked_sum", "n_masked", "l1_visible_sum", "n_visible")  # what a trainer logs
@@ -53,7 +54,7 @@ SI_SCALES = (1, 2, 4, 8)
 
 @dataclass(frozen=True)
 class MDMSpec:
-    """LingBot-Depth's masking policy of one image (`vlm_depth.prompts.masks.mdm_patch_mask`)."""
+    """LingBot-Depth's masking policy of one image (`vlm_depth.model.patch_mask.mdm_patch_mask`)."""
 
     mixed_keep_prob: float = 0.5
     ratio_range: tuple[float, float] = (0.6, 0.9)

@@ -1,4 +1,4 @@
-"""The one mask module: validity, patch states on 14 and 28 px grids, and the MDM masking policy."""
+"""Patch states on 14 and 28 px grids, and the MDM masking policy."""
 
 from __future__ import annotations
 
@@ -6,19 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from vlm_depth.prompts.masks import PatchState, mdm_patch_mask, patch_states, valid_mask
+from vlm_depth.depth import valid_mask
+from vlm_depth.model.patch_mask import PatchState, mdm_patch_mask, patch_states
 
 E, M, V = PatchState.EMPTY, PatchState.MIXED, PatchState.VALID
-
-
-def test_valid_mask_rejects_zero_nan_inf_negative_and_out_of_range():
-    depth = np.array([[0.0, np.nan, np.inf, -np.inf], [-1.0, 0.3, 2.0, 90.0]], dtype=np.float32)
-    assert valid_mask(depth).tolist() == [[False] * 4, [False, True, True, True]]
-    assert valid_mask(depth, min_depth=0.5, max_depth=80.0).tolist() == [[False] * 4, [False, False, True, False]]
-    assert valid_mask(depth, max_depth=2.0).tolist() == [[False] * 4, [False, True, True, False]]  # inclusive
-    as_tensor = valid_mask(torch.from_numpy(depth), min_depth=0.5, max_depth=80.0)
-    assert isinstance(as_tensor, torch.Tensor) and as_tensor.dtype == torch.bool
-    assert as_tensor.tolist() == valid_mask(depth, min_depth=0.5, max_depth=80.0).tolist()
 
 
 def _hand_made_depth() -> np.ndarray:

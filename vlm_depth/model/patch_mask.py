@@ -1,7 +1,8 @@
-"""The one mask module: which depth pixels are measurements, patch-level decisions, and the MDM masking policy.
+"""Patch-level depth coverage and LingBot-Depth's masked-depth-modelling (MDM) policy on the vision tower's grid.
 
-Used by the sparsifiers, the textualizer's label selection, the training collator and the MDM head, so "valid"
-means the same thing everywhere: a finite depth > 0 m (inside an optional [min_depth, max_depth] range).
+Depth enters the vision tower per 14-px patch, so a patch is the unit of an MDM mask decision: `patch_states` says
+whether a patch's depth is EMPTY, MIXED or VALID (from `vlm_depth.depth.valid_mask` on the processor's grid), and
+`mdm_patch_mask` draws which patches hide their depth. Used by the training collator and the MDM head.
 """
 
 from __future__ import annotations
@@ -11,26 +12,7 @@ from enum import IntEnum
 import numpy as np
 import torch
 
-Array = np.ndarray | torch.Tensor
-
-
-def valid_mask(depth: Array, min_depth: float | None = None, max_depth: float | None = None) -> Array:
-    """Measured pixels of `depth` (any shape, meters): finite, > 0 and inside [min_depth, max_depth] (inclusive).
-
-    0, NaN, +-inf and negative values are "no measurement". Returns a bool array of the same type (NumPy or torch,
-    same device) and shape.
-    """
-    if isinstance(depth, torch.Tensor):
-        valid = torch.isfinite(depth) & (depth > 0)
-    else:
-        depth = np.asarray(depth)
-        with np.errstate(invalid="ignore"):
-            valid = np.isfinite(depth) & (depth > 0)
-    if min_depth is not None:
-        valid &= depth >= min_depth
-    if max_depth is not None:
-        valid &= depth <= max_depth
-    return valid
+from vlm_depth.depth import Array
 
 
 class PatchState(IntEnum):

@@ -1,9 +1,12 @@
 """Sparsity protocols: turn dense or semi-dense ground truth into the sparse depth input a benchmark or a training
 recipe asks for, from a spec string such as `uniform:500`, `lidar:64`, `blocks:hard` or `uniform:2150+noise:0.05`.
 
-Every protocol is deterministic given `seed`, reads only valid GT pixels (`masks.valid_mask`) and returns float32
-meters with 0 = missing. All of them except `noise` and `blocks` (whose definition includes value noise) return
-a subset of the GT with the kept values unchanged. Parameters and the reasoning behind them: `docs/protocols.md`.
+Every protocol is deterministic given `seed`, reads only valid GT pixels (`vlm_depth.depth.valid_mask`) and returns
+float32 meters with 0 = missing. All of them except `noise` and `blocks` (whose definition includes value noise)
+return a subset of the GT with the kept values unchanged. Parameters and the reasoning: `docs/protocols.md`.
+
+`sparse_input` is the one way a frame becomes the input of a method (training collator and evaluation runner alike),
+and `image_seed` the one rule that derives a frame's seed from a run seed and the frame's index.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vlm_depth.depth import valid_mask
 from vlm_depth.errors import ConfigError, DataError
-from vlm_depth.prompts.masks import valid_mask
 
 PROTOCOL_FORMS = (
     "uniform:N (N points at full density, scaled by the valid fraction, min 5)",
@@ -185,6 +188,37 @@ def sparsify(
         reference = clean[valid] if valid.any() else out[valid_mask(out)]
         out = _replace_with_noise(out, reference, float(share), seed)
     return out
+
+
+def image_seed(seed: int, index: int, *streams: int) -> int:
+    """The seed of frame `index` of a run seeded with `seed` (optionally of a sub-stream): the same for every method
+    and process, independent across frames."""
+    return int(np.random.SeedSequence([seed, index, *streams]).generate_state(1)[0])
+
+
+def sparse_input(
+    protocol: str,
+    rgb: np.ndarray,
+    depth: np.ndarray,
+    gt: np.ndarray | None,
+    intrinsics: tuple[float, float, float, float] | None,
+    seed: int,
+) -> np.ndarray:
+    """The sparse input (H, W) float32 meters of one frame under `protocol`, all arrays on one pixel grid.
+
+    depth: the frame's sensor depth (H, W) meters; gt: its ground truth or None; `gt is depth` marks a dataset whose
+    depth is the ground truth itself. `sensor` returns the sensor depth; any other protocol samples the ground truth
+    (or, without a separate one, the depth), with `seed`.
+    """
+    depth_is_gt = gt is not None and gt is depth
+    return sparsify(
+        protocol,
+        depth if gt is None else gt,
+        rgb=rgb,
+        intrinsics=intrinsics,
+        sensor=None if depth_is_gt else depth,
+        seed=seed,
+    )
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:
