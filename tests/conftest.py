@@ -17,11 +17,10 @@ SHARED_DATA = Path(os.environ.get("VLM_DEPTH_SHARED_DATA", REPO.parent / "shared
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """Folder of the offline tiny Qwen2.5-VL checkpoint (random weights, local tokenizer, real processor)."""
-    from vlm_depth.config import TinyConfig
     from vlm_depth.model.tiny import build_tiny_checkpoint
 
     out = tmp_path_factory.mktemp("tiny") / "ckpt"
-    build_tiny_checkpoint(TinyConfig(out=str(out)))
+    build_tiny_checkpoint(out)
     return out
 
 

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from vlm_depth.config import SynthConfig, parse_config
+from vlm_depth.cli import SynthConfig
+from vlm_depth.config import parse_config
 from vlm_depth.errors import ConfigError
 
 

@@ -23,9 +23,10 @@ from vlm_depth.infer.assemble import (
     refinement_pixels,
     stride_for_budget,
 )
-from vlm_depth.infer.complete import complete, load_checkpoint, make_predictor
-from vlm_depth.infer.config import ReadoutSettings
+from vlm_depth.infer.complete import complete, make_predictor
 from vlm_depth.infer.outputs import intrinsics_from_fov
+from vlm_depth.infer.readouts import ReadoutSettings
+from vlm_depth.model.loading import load_model
 
 NYU = "train-and-test/nyuv2_sync_metric3d"
 NYU_K = (518.8579, 519.4696, 325.5824, 253.7362)
@@ -125,7 +126,7 @@ def test_refinement_pixels_go_to_image_edges():
 
 
 def test_complete_keeps_input_handles_monocular_lower_resolution_and_refinement(trained):
-    model, processor = load_checkpoint(str(trained), "cpu")
+    model, processor = load_model(str(trained), device="cpu")
     rgb, gt = scene(48, 64, seed=11)
     settings = ReadoutSettings(stride=4)
     sparse = np.where(np.random.default_rng(2).random(gt.shape) < 0.2, gt, 0).astype(np.float32)
@@ -226,7 +227,7 @@ def test_cli_completes_a_folder_of_nyu_frames(trained, shared_data, tmp_path):
             f"folder:{folder}",
             "--out",
             str(out),
-            "--num_queries",
+            "--query_budget",
             "300",
         ]
     )
@@ -244,7 +245,7 @@ def test_cli_completes_a_kitti_pair_and_a_lower_resolution_depth(trained, shared
     depth_path = shared_data / KITTI / "gt_depth" / "0000000005.png"
     out = tmp_path / "kitti"
     args = ["complete", "--model", str(trained), "--rgb", str(rgb_path), "--depth", str(depth_path)]
-    assert main([*args, "--depth_scale", "256", "--out", str(out), "--num_queries", "300", "--fov", "80"]) == 0
+    assert main([*args, "--depth_scale", "256", "--out", str(out), "--query_budget", "300", "--fov", "80"]) == 0
     rgb = read_rgb(rgb_path)
     assert rgb.shape == (375, 1242, 3)
     _check_outputs(out, "0000000005", rgb, read_depth(depth_path, scale=256.0), intrinsics_from_fov(1242, 375, 80))
@@ -254,7 +255,7 @@ def test_cli_completes_a_kitti_pair_and_a_lower_resolution_depth(trained, shared
     np.save(tmp_path / "low.npy", nyu_depth[::2, ::2])  # 320x240 depth for the 640x480 image
     out = tmp_path / "low"
     args = ["complete", "--model", str(trained), "--rgb", str(nyu_rgb), "--depth", str(tmp_path / "low.npy")]
-    assert main([*args, "--out", str(out), "--num_queries", "300"]) == 0
+    assert main([*args, "--out", str(out), "--query_budget", "300"]) == 0
     rgb = read_rgb(nyu_rgb)
     up = RGBDSample(rgb=rgb, depth=nyu_depth[::2, ::2]).depth_at_rgb_resolution()
     _check_outputs(out, "rgb_00050", rgb, up)

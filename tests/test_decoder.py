@@ -12,10 +12,11 @@ import torch
 from trained_tiny import scene, train_tiny
 
 from vlm_depth.infer.answers import number_moments
-from vlm_depth.infer.complete import chat_layout, load_checkpoint, pixel_queries
 from vlm_depth.infer.decoder import QueryDecoder
 from vlm_depth.infer.naive import decode_naive
 from vlm_depth.infer.prefix_attention import shared_prefix_attention_forward
+from vlm_depth.infer.readouts import chat_layout, pixel_queries
+from vlm_depth.model.loading import load_model
 from vlm_depth.prompts.digits import digit_places
 from vlm_depth.prompts.grammar import POINT, GrammarLogitsProcessor, NumberGrammar
 from vlm_depth.prompts.numbers import format_meters
@@ -142,7 +143,7 @@ def _query_set(processor, layout, n: int, seed: int):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["coords", "pointer"])
 def test_fast_decoder_equals_naive_generate_per_pixel(trained, mode, record_property):
-    model, processor = load_checkpoint(str(trained(mode)), "cpu")
+    model, processor = load_model(str(trained(mode)), device="cpu")
     layout = chat_layout(model, processor.tokenizer)
     inputs, queries, kinds = _query_set(processor, layout, 256, seed=7)
     assert len(queries) == 256 and kinds.count("keep") == kinds.count("fill") == 128
@@ -164,7 +165,7 @@ def test_fast_decoder_equals_naive_generate_per_pixel(trained, mode, record_prop
 
 
 def test_layouts_and_prefix_sharing_give_the_same_answers(trained):
-    model, processor = load_checkpoint(str(trained("coords")), "cpu")
+    model, processor = load_model(str(trained("coords")), device="cpu")
     layout = chat_layout(model, processor.tokenizer)
     inputs, queries, _ = _query_set(processor, layout, 40, seed=3)
     queries = queries + queries[:5]  # duplicates are decoded once and answered alike
@@ -185,10 +186,10 @@ def test_bench_decoder_reports_speed_and_identical_answers(trained, capsys):
 
     from vlm_depth.cli import main
 
-    argv = ["bench", "decoder", "--model", str(trained("coords")), "--num_queries", "12", "--repeats", "1"]
+    argv = ["bench", "decoder", "--model", str(trained("coords")), "--query_pixels", "12", "--repeats", "1"]
     assert main([*argv, "--height", "48", "--width", "64"]) == 0
     result = json.loads(capsys.readouterr().out)
-    keys = {"n_queries", "naive_pixels_per_s", "fast_pixels_per_s", "speedup", "overhead_vs_forward", "identical"}
-    assert keys <= set(result) and result["n_queries"] == 12 and result["identical"] is True
+    keys = {"query_pixels", "naive_pixels_per_s", "fast_pixels_per_s", "speedup", "overhead_vs_forward", "identical"}
+    assert keys <= set(result) and result["query_pixels"] == 12 and result["identical"] is True
     assert result["speedup"] == pytest.approx(result["fast_pixels_per_s"] / result["naive_pixels_per_s"])
     assert all(result["seconds"][k] > 0 for k in ("naive", "fast", "prefix", "decode", "forward"))

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 
 from vlm_depth.cli import main
-from vlm_depth.config import DemoConfig, save_config
+from vlm_depth.config import save_config
 from vlm_depth.data import load
+from vlm_depth.demo.demo_config import DemoConfig, model_name, readouts
+from vlm_depth.demo.report import verdict
+from vlm_depth.demo.run import prepare_out, run_demo
 from vlm_depth.errors import ConfigError
 from vlm_depth.eval.baselines import BASELINES
-from vlm_depth.eval.demo import model_name, prepare_out, readouts, run_demo, verdict
 
 
 def _cell(method: str, mae: float | None, fill_mae: float | None) -> dict:

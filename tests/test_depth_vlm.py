@@ -11,10 +11,11 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from vlm_depth.errors import ModelError
+from vlm_depth.model.align import patchify, split_maps
 from vlm_depth.model.branch_config import DepthBranchConfig
 from vlm_depth.model.depth_vlm import DepthVLM
+from vlm_depth.model.finetune import apply_lora, trainable_parameter_groups
 from vlm_depth.model.patch_embed import DepthPatchEmbed
-from vlm_depth.model.peft_setup import apply_lora, trainable_parameter_groups
 from vlm_depth.model.processor import DepthProcessor
 
 PROMPT = "The pixel at (x, y) = (12, 34) is"
@@ -70,17 +71,17 @@ def he_model(tiny_ckpt) -> DepthVLM:
 def test_fresh_branch_leaves_logits_unchanged(tiny_ckpt, batch_inputs, fusion, patch_embed_init):
     base = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_ckpt).eval()
     model = _load(tiny_ckpt, fusion=fusion, patch_embed_init=patch_embed_init)
-    plain = {k: v for k, v in batch_inputs.items() if k != "depth_values"}
+    plain = {k: v for k, v in batch_inputs.items() if k != "depth_maps"}
     with torch.no_grad():
         expected = base(**plain).logits
         got = model(**batch_inputs).logits
-    assert batch_inputs["depth_values"].gt(0).any()
+    assert batch_inputs["depth_maps"].gt(0).any()
     assert (got - expected).abs().max().item() <= 1e-6
 
 
 def test_he_init_branch_changes_logits(tiny_ckpt, he_model, batch_inputs):
     base = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_ckpt).eval()
-    plain = {k: v for k, v in batch_inputs.items() if k != "depth_values"}
+    plain = {k: v for k, v in batch_inputs.items() if k != "depth_maps"}
     with torch.no_grad():
         diff = (he_model(**batch_inputs).logits - base(**plain).logits).abs().max().item()
     assert diff > 1e-3
@@ -88,7 +89,7 @@ def test_he_init_branch_changes_logits(tiny_ckpt, he_model, batch_inputs):
 
 def test_without_depth_values_the_model_is_the_base_model(tiny_ckpt, he_model, inputs):
     base = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_ckpt).eval()
-    plain = {k: v for k, v in inputs.items() if k != "depth_values"}
+    plain = {k: v for k, v in inputs.items() if k != "depth_maps"}
     with torch.no_grad():
         assert torch.equal(he_model(**plain).logits, base(**plain).logits)
 
@@ -107,10 +108,11 @@ def test_depth_at_patch_centre_changes_only_that_patch_embedding(tiny_ckpt, proc
     with torch.no_grad():
         for depth in (np.zeros_like(one_point), one_point):
             x = processor(rgb, depth, text=_chat(processor))
-            model.encode_images(x["pixel_values"], x["image_grid_thw"], x["depth_values"])
+            model.encode_images(x["pixel_values"], x["image_grid_thw"], x["depth_maps"])
     hook.remove()
     assert tuple(x["image_grid_thw"][0].tolist()) == (1, 4, 6)
-    depth_rows = x["depth_values"].gt(0).any(dim=1).nonzero().flatten().tolist()
+    (depth_map,) = split_maps(x["depth_maps"], x["image_grid_thw"], 14)
+    depth_rows = patchify(depth_map[None, None], 14, 2, 2).gt(0).any(dim=1).nonzero().flatten().tolist()
     changed = (captured[1] - captured[0]).abs().amax(dim=1).gt(0).nonzero().flatten().tolist()
     assert len(depth_rows) == 1
     assert changed == depth_rows
@@ -122,7 +124,7 @@ def test_precomputed_embeddings_with_rope_index_and_4d_mask_match_forward(he_mod
     with torch.no_grad():
         expected = he_model(**batch_inputs).logits
         embeds = he_model.embed_inputs(
-            ids, he_model.encode_images(batch_inputs["pixel_values"], grid, batch_inputs["depth_values"])
+            ids, he_model.encode_images(batch_inputs["pixel_values"], grid, batch_inputs["depth_maps"])
         )
         position_ids = he_model.model.get_rope_index(
             ids, batch_inputs["mm_token_type_ids"], image_grid_thw=grid, attention_mask=mask2d

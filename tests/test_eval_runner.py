@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 
 import cv2
 import numpy as np
@@ -17,7 +16,7 @@ from vlm_depth.data.folder import write_folder_sample
 from vlm_depth.data.sparsify import image_seed, sparsify
 from vlm_depth.errors import ConfigError
 from vlm_depth.eval.baselines import BASELINES
-from vlm_depth.eval.config import EvalConfig
+from vlm_depth.eval.eval_config import EvalConfig
 from vlm_depth.eval.metrics import METRIC_NAMES, compute_metrics, eval_mask
 from vlm_depth.eval.runner import load_suite, run_eval
 from vlm_depth.resources import REPO_ROOT
@@ -202,11 +201,7 @@ def test_sensor_protocol_without_ground_truth_is_refused(eval_only_folder, tmp_p
         run_eval(cfg)
 
 
-def test_model_method_needs_make_predictor_and_says_so(gt_folder, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "vlm_depth.infer.complete", None)  # as in a build without the decoder
-    cfg = EvalConfig(dataset=f"folder:{gt_folder}", protocol="sensor", model=str(tmp_path), out=str(tmp_path / "o"))
-    with pytest.raises(ConfigError, match="make_predictor"):
-        run_eval(cfg)
+def test_a_model_method_needs_an_existing_checkpoint_and_says_so(gt_folder, tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         run_eval(EvalConfig(dataset=f"folder:{gt_folder}", model=str(tmp_path / "nope"), out=str(tmp_path / "o")))
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from vlm_depth.depth import valid_mask
-from vlm_depth.model.align import patchify, unpatchify
+from vlm_depth.model.align import patchify
 from vlm_depth.model.branch_config import DepthBranchConfig
 from vlm_depth.model.mdm_head import processor_order, token_grids
 from vlm_depth.model.patch_mask import PatchState, mdm_patch_mask, patch_states
 from vlm_depth.prompts.textualize import select_queries
-from vlm_depth.train.mdm import SI_LAMBDA, MDMSpec, label_rows, mdm_labels, mdm_loss, patch_mask_rows
+from vlm_depth.train.mdm import SI_LAMBDA, MDMSpec, draw_patch_mask, label_maps, mdm_labels, mdm_loss
 
 HEAD = dict(mdm_head=True, mdm_width=32, mdm_levels=2, mdm_blocks=1)
 
@@ -94,9 +94,9 @@ def test_mdm_depth_has_input_size_and_is_positive_and_finite(tiny_ckpt, processo
     inputs = processor(rgb=[s[0] for s in samples], depth=[s[1] for s in samples])
     with torch.no_grad():
         depth = model.mdm_depth(
-            inputs["pixel_values"], inputs["image_grid_thw"], inputs["depth_values"], out_sizes=sizes
+            inputs["pixel_values"], inputs["image_grid_thw"], inputs["depth_maps"], out_sizes=sizes
         )
-        on_grid = model.mdm_depth(inputs["pixel_values"], inputs["image_grid_thw"], inputs["depth_values"])
+        on_grid = model.mdm_depth(inputs["pixel_values"], inputs["image_grid_thw"], inputs["depth_maps"])
     p = processor.image_processor.patch_size
     for d, g, size, (_, h, w) in zip(depth, on_grid, sizes, inputs["image_grid_thw"].tolist()):
         assert d.shape == size and g.shape == (h * p, w * p)
@@ -105,7 +105,7 @@ def test_mdm_depth_has_input_size_and_is_positive_and_finite(tiny_ckpt, processo
     alone = processor(rgb=samples[0][0], depth=samples[0][1])
     with torch.no_grad():
         single = model.mdm_depth(
-            alone["pixel_values"], alone["image_grid_thw"], alone["depth_values"], out_sizes=sizes[:1]
+            alone["pixel_values"], alone["image_grid_thw"], alone["depth_maps"], out_sizes=sizes[:1]
         )
     torch.testing.assert_close(single[0], depth[0], rtol=1e-5, atol=1e-5)
 
@@ -127,15 +127,14 @@ def test_masked_patches_contribute_nothing_to_the_depth_branch(model, processor)
     """Changing depth inside masked patches leaves the MDM output unchanged; inside a visible patch it changes it."""
     rgb, depth = _rgb_depth(3, 56, 56, density=1.0)  # 56 x 56 = the processor's grid: 4 x 4 patches of 14 px
     inputs = processor(rgb=rgb, depth=depth)
-    p, m = _image_rows(processor)
     masked_grid = torch.zeros(4, 4, dtype=torch.bool)
     masked_grid[1:3, 0:3] = True
-    patch_mask = patchify(masked_grid[None, None].float(), 1, m, 1)[:, 0] > 0
+    patch_mask = masked_grid.flatten()  # one bool per 14-px patch, row-major
 
     def run(d: np.ndarray) -> torch.Tensor:
         x = processor(rgb=rgb, depth=d)
         with torch.no_grad():
-            return model.mdm_depth(x["pixel_values"], x["image_grid_thw"], x["depth_values"], patch_mask)[0]
+            return model.mdm_depth(x["pixel_values"], x["image_grid_thw"], x["depth_maps"], patch_mask)[0]
 
     base = run(depth)
     inside = depth.copy()
@@ -144,7 +143,7 @@ def test_masked_patches_contribute_nothing_to_the_depth_branch(model, processor)
     outside = depth.copy()
     outside[0:14, 42:56] = 55.0
     assert (run(outside) - base).abs().max() > 1e-4
-    assert inputs["depth_values"].shape[0] == patch_mask.shape[0] == 16
+    assert inputs["depth_maps"].shape[0] == 56 * 56 and patch_mask.shape[0] == 16
 
 
 def test_mdm_masking_and_textualizer_share_patch_decisions(processor):
@@ -157,14 +156,14 @@ def test_mdm_masking_and_textualizer_share_patch_decisions(processor):
     from vlm_depth.prompts.textualize import Textualizer
     from vlm_depth.train.collator import ExampleBuilder, QuerySpec
 
-    p, m = _image_rows(processor)
+    p, _ = _image_rows(processor)
     rgb, depth = _rgb_depth(4, 56, 84, density=0.15)  # 56 x 84 is the processor's grid: no resize
     depth[:, 42:] = np.where(np.random.default_rng(5).random((56, 42)) < 0.9, 3.0, 0.0)  # denser right half
     depth[:28, :28] = 7.0  # fully valid patches ... and an empty block
     depth[28:, :28] = 0.0
     spec = MDMSpec()
     layout = ChatLayout(processor.tokenizer, Textualizer(PromptTemplate.load("paper")))
-    query_spec = QuerySpec("sparse", num_queries=40, keep_ratio=0.5, holdout_ratio=0.2, mdm=spec)
+    query_spec = QuerySpec("sparse", queries_per_image=40, keep_ratio=0.5, holdout_ratio=0.2, mdm=spec)
     builder = ExampleBuilder(processor, layout, query_spec)
     for seed in range(5):
         example = builder(RGBDSample(rgb=rgb, depth=depth, name="x"), np.random.default_rng(seed), seed)
@@ -172,14 +171,13 @@ def test_mdm_masking_and_textualizer_share_patch_decisions(processor):
         # Reference: the textualizer's split and queries, then the shared mask functions, with the same rng stream.
         rng = np.random.default_rng(seed)
         shown, queries = select_queries(
-            depth, None, label_source="sparse", n_queries=40, keep_ratio=0.5, holdout_ratio=0.2, rng=rng
+            depth, None, label_source="sparse", queries_per_image=40, keep_ratio=0.5, holdout_ratio=0.2, rng=rng
         )
         assert example["is_fill"].tolist() == [q.kind == "fill" for q in queries]
-        assert torch.equal(example["depth_values"], processor(rgb=rgb, depth=shown)["depth_values"])
+        assert torch.equal(example["depth_maps"], processor(rgb=rgb, depth=shown)["depth_maps"])
         states = patch_states(valid_mask(shown), p)
         expected = mdm_patch_mask(states, rng, spec.mixed_keep_prob, spec.ratio_range)
-        expected_rows = patchify(torch.from_numpy(expected)[None, None].float(), 1, m, 1)[:, 0] > 0
-        assert torch.equal(example["mdm_patch_mask"], expected_rows)
+        assert torch.equal(example["mdm_patch_mask"], torch.from_numpy(expected).flatten())
         assert expected[states == PatchState.EMPTY].all() and not expected.all()
 
         # The textualizer's mask value (keep = 1, fill = 0) agrees with the patch states of the same valid mask.
@@ -190,7 +188,7 @@ def test_mdm_masking_and_textualizer_share_patch_decisions(processor):
         for q in queries:
             assert labels[q.y, q.x] == (np.float32(q.label) if q.kind == "fill" else 0)
         assert not (valid_mask(labels) & valid_mask(shown)).any()
-        assert torch.equal(example["mdm_labels"], label_rows(labels, processor.image_processor))
+        assert torch.equal(example["mdm_labels"], label_maps(labels, processor.image_processor))
 
 
 def test_label_free_labels_are_the_held_out_points_and_never_read_the_ground_truth():
@@ -211,17 +209,17 @@ def test_mask_all_hides_every_patch_and_gives_the_monocular_map(model, processor
     rgb, depth = _rgb_depth(6, 48, 64)
     inputs = processor(rgb=rgb, depth=depth)
     rng = np.random.default_rng(0)
-    mask = patch_mask_rows(
-        inputs["depth_values"], inputs["image_grid_thw"], rng, processor.image_processor, MDMSpec(mask_all=True)
+    mask = draw_patch_mask(
+        inputs["depth_maps"], inputs["image_grid_thw"], rng, processor.image_processor, MDMSpec(mask_all=True)
     )
     assert mask.all()
     monocular = processor(rgb=rgb, depth=np.zeros_like(depth))
     with torch.no_grad():
         all_masked = model.mdm_depth(
-            inputs["pixel_values"], inputs["image_grid_thw"], inputs["depth_values"], mask, [(48, 64)]
+            inputs["pixel_values"], inputs["image_grid_thw"], inputs["depth_maps"], mask, [(48, 64)]
         )[0]
         no_depth = model.mdm_depth(
-            monocular["pixel_values"], monocular["image_grid_thw"], monocular["depth_values"], None, [(48, 64)]
+            monocular["pixel_values"], monocular["image_grid_thw"], monocular["depth_maps"], None, [(48, 64)]
         )[0]
     assert all_masked.shape == (48, 64) and torch.isfinite(all_masked).all() and (all_masked > 0).all()
     torch.testing.assert_close(all_masked, no_depth, rtol=0, atol=0)
@@ -233,13 +231,14 @@ class _Geometry:
 
 
 def _rows(maps: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([patchify(x[None, None], 2, 2, 1) for x in maps])
+    """Label maps in the layout of `depth_maps`: each flattened row-major, concatenated."""
+    return torch.cat([x.flatten() for x in maps])
 
 
 def test_l1_loss_and_region_metrics_match_hand_computation():
     label = torch.tensor([[1.0, 0.0, 2.0, 4.0], [0.0, 3.0, 0.0, 8.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
     pred = torch.full((4, 4), 2.0)
-    patch_mask = torch.tensor([True, False, False, False])  # the top-left 2 x 2 patch (first row of merge group)
+    patch_mask = torch.tensor([True, False, False, False])  # the top-left 2 x 2 patch (row-major patch grid)
     out = mdm_loss([pred], _rows([label]), patch_mask, torch.tensor([[1, 2, 2]]), _Geometry, "l1")
     # labelled: masked patch {1, 3} -> |1-2| + |3-2| = 2; visible {2, 4, 8, 1, 1, 1, 1} -> 0 + 2 + 6 + 4 = 12
     assert out["loss_sum"].item() == 14 and out["loss_weight"].item() == 9
@@ -251,13 +250,13 @@ def test_balanced_si_is_zero_when_exact_and_balances_visible_and_masked_regions(
     grid = torch.tensor([[1, 8, 8]])
     label = torch.linspace(1.0, 9.0, 256).reshape(16, 16)
     patch_mask = torch.zeros(64, dtype=torch.bool)
-    patch_mask[:8] = True  # 8 of 64 patches masked: a small masked region
+    patch_mask[:8] = True  # 8 of 64 patches masked (the first patch row): a small masked region
 
     def loss(pred: torch.Tensor) -> float:
         out = mdm_loss([pred], _rows([label]), patch_mask, grid, _Geometry, "balanced_si")
         return (out["loss_sum"] / out["loss_weight"]).item()
 
-    in_masked = unpatchify(patch_mask[:, None].expand(-1, 4).float(), grid, 1, 2, 2, 1)[0][0] > 0
+    in_masked = patch_mask.view(8, 8).repeat_interleave(2, 0).repeat_interleave(2, 1)
     assert loss(label) == pytest.approx(0.0, abs=1e-10)
     c = math.log(1.5)
     # A log-offset c everywhere: SI = (1 - lambda) c^2 in each region and scale.
@@ -282,14 +281,14 @@ def _mdm_of(model, processor, samples, mask_seed: int | None = None) -> list[tor
     mask = None
     if mask_seed is not None:
         rng = np.random.default_rng(mask_seed)
-        mask = patch_mask_rows(inputs["depth_values"], inputs["image_grid_thw"], rng, processor.image_processor)
+        mask = draw_patch_mask(inputs["depth_maps"], inputs["image_grid_thw"], rng, processor.image_processor)
     with torch.no_grad():
-        return model.mdm_depth(inputs["pixel_values"], inputs["image_grid_thw"], inputs["depth_values"], mask)
+        return model.mdm_depth(inputs["pixel_values"], inputs["image_grid_thw"], inputs["depth_maps"], mask)
 
 
 def test_save_load_round_trip_restores_identical_mdm_outputs(model, processor, head_ckpt, tiny_ckpt, tmp_path):
     from vlm_depth.model.depth_vlm import DepthVLM
-    from vlm_depth.model.peft_setup import apply_lora
+    from vlm_depth.model.finetune import apply_lora
 
     samples = [_rgb_depth(7, 48, 64), _rgb_depth(8, 90, 120)]
     before = _mdm_of(model, processor, samples, mask_seed=0)
@@ -338,7 +337,7 @@ def test_complete_mdm_readout_keeps_input_pixels_and_fills_the_rest(model, proce
     with torch.no_grad():
         inputs = processor(rgb, sparse)
         head = model.mdm_depth(
-            inputs["pixel_values"], inputs["image_grid_thw"], inputs["depth_values"], None, [(60, 80)]
+            inputs["pixel_values"], inputs["image_grid_thw"], inputs["depth_maps"], None, [(60, 80)]
         )
     np.testing.assert_allclose(result.depth[~valid], head[0].numpy()[~valid], rtol=1e-6)
     monocular = complete(model, processor, rgb, None, readout="mdm")
@@ -385,7 +384,7 @@ def test_eval_runs_the_mdm_readout_of_a_checkpoint(head_ckpt, tmp_path):
 
     from vlm_depth.data.folder import write_folder_sample
     from vlm_depth.data.synthetic import generate_sample
-    from vlm_depth.eval.config import EvalConfig
+    from vlm_depth.eval.eval_config import EvalConfig
     from vlm_depth.eval.runner import run_eval
 
     for i in range(2):
@@ -407,13 +406,14 @@ def test_eval_runs_the_mdm_readout_of_a_checkpoint(head_ckpt, tmp_path):
 # ------------------------------------------------------------------------------------------------------- training
 def _train_config(tiny_ckpt, out, mode: str, *overrides: str):
     from vlm_depth.config import parse_config
-    from vlm_depth.train.config import TrainConfig
+    from vlm_depth.train.train_config import TrainConfig
 
     args = [
         "--model", str(tiny_ckpt), "--out", str(out), "--finetune", "full",
         "--dataset", "synthetic:32?height=48&width=64&seed=0", "--cache_images", "true",
-        "--val_dataset", "synthetic:4?height=48&width=64&seed=1", "--val_label_source", "gt", "--val_queries", "2",
-        "--label_source", "gt", "--num_queries", "2", "--batch_size", "2",
+        "--val_dataset", "synthetic:4?height=48&width=64&seed=1", "--val_label_source", "gt",
+        "--val_queries_per_image", "2",
+        "--label_source", "gt", "--queries_per_image", "2", "--batch_size", "2",
         "--mdm_mode", mode, "--mdm_head", "true", "--mdm_width", "32", "--mdm_levels", "2",
         "--lr_branch", "1e-3", "--warmup_steps", "10", "--log_every", "50", "--seed", "0",
     ]  # fmt: skip
@@ -436,12 +436,13 @@ def test_head_only_training_reduces_masked_pixel_l1_and_leaves_the_vlm_frozen(ti
     from accelerate.utils import set_seed
 
     from vlm_depth.model.depth_vlm import DepthVLM
-    from vlm_depth.train.loop import build_val_batches, load_model, run_train
     from vlm_depth.train.mdm import validate_mdm
+    from vlm_depth.train.setup import build_val_batches, load_for_training
+    from vlm_depth.train.trainer import run_train
 
     cfg = _train_config(tiny_ckpt, tmp_path / "run", "head_only", "--max_steps", "200", "--lr_branch", "3e-3")
     set_seed(cfg.seed)  # the initial model of run_train (same seed, same construction)
-    initial, processor = load_model(cfg)
+    initial, processor = load_for_training(cfg)
     layout = _layout(processor)
     val = build_val_batches(cfg, processor, layout)
     before = validate_mdm(initial, val, processor.image_processor)["val_mdm_l1_masked"]
@@ -477,14 +478,15 @@ def test_joint_training_logs_both_losses_and_trains_branch_and_head(tiny_ckpt, t
     from accelerate.utils import set_seed
 
     from vlm_depth.model.depth_vlm import DepthVLM
-    from vlm_depth.train.loop import load_model, run_train
+    from vlm_depth.train.setup import load_for_training
+    from vlm_depth.train.trainer import run_train
 
     cfg = _train_config(
         tiny_ckpt, tmp_path / "joint", "joint", "--max_steps", "3", "--label_source", "sparse",
         "--mdm_loss", "balanced_si", "--grad_accum", "2", "--mdm_weight", "0.5", "--val_dataset", "",
     )  # fmt: skip
     set_seed(cfg.seed)
-    init = {k: v.clone() for k, v in load_model(cfg)[0].state_dict().items()}
+    init = {k: v.clone() for k, v in load_for_training(cfg)[0].state_dict().items()}
     summary = run_train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "joint" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]

@@ -13,7 +13,7 @@ import torch
 from vlm_depth.errors import ModelError
 from vlm_depth.model.branch_config import DepthBranchConfig
 from vlm_depth.model.depth_vlm import DepthVLM
-from vlm_depth.model.peft_setup import apply_lora
+from vlm_depth.model.finetune import apply_lora
 from vlm_depth.model.pointer import add_pointer_token, init_pointer_embedding
 from vlm_depth.model.processor import DepthProcessor
 
@@ -96,7 +96,7 @@ def test_pointer_embedding_is_projection_of_feature_sampled_at_its_pixel(tiny_ck
     xy = torch.tensor([[10.0, 20.0], [60.3, 47.0], [111.0, 83.0]])
     embeds = _language_model_inputs(model, **inputs, pointer_xy=xy)
     with torch.no_grad():
-        grid = model.encode_images(inputs["pixel_values"], inputs["image_grid_thw"], inputs["depth_values"])
+        grid = model.encode_images(inputs["pixel_values"], inputs["image_grid_thw"], inputs["depth_maps"])
         features = grid.view(3, 4, -1)
         pointer = model.depth_branch.pointer
         expected = torch.stack(
@@ -145,7 +145,7 @@ def test_pointer_input_errors_are_model_errors(tiny_ckpt, processor):
     with pytest.raises(ModelError, match="2 pointer tokens but pointer_xy has 1"):
         model(**inputs, pointer_xy=torch.tensor([[1.0, 1.0]]))
     with pytest.raises(ModelError, match="no pointer_xy"):
-        model(**{k: v for k, v in inputs.items() if k != "depth_values"})
+        model(**{k: v for k, v in inputs.items() if k != "depth_maps"})
     with pytest.raises(ModelError, match="outside"):
         model(**inputs, pointer_xy=torch.tensor([[1.0, 1.0], [55.6, 3.0]]))
 

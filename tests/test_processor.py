@@ -1,4 +1,4 @@
-"""DepthProcessor: the real Qwen2.5-VL processor's outputs plus `depth_values`, row-aligned with `pixel_values`."""
+"""DepthProcessor: the real Qwen2.5-VL processor's outputs plus `depth_maps`, on the grid of `pixel_values`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from transformers import AutoProcessor
 
 from vlm_depth.errors import DataError
-from vlm_depth.model.align import resize_depth, unpatchify
+from vlm_depth.model.align import patchify, resize_depth, split_maps
 from vlm_depth.model.processor import DepthProcessor
 
 
@@ -43,12 +43,12 @@ def test_outputs_are_the_qwen_processor_outputs_plus_depth_values(processor, tin
     reference = base(
         images=[rgb], text=[base.apply_chat_template(messages, add_generation_prompt=True)], return_tensors="pt"
     )
-    assert set(inputs) == set(reference) | {"depth_values"}
+    assert set(inputs) == set(reference) | {"depth_maps"}
     for key in reference:
         assert torch.equal(inputs[key], reference[key]), key
     p, _, t = _geometry(processor)
-    assert inputs["depth_values"].shape == (inputs["pixel_values"].shape[0], t * p * p)
-    assert inputs["depth_values"].dtype == torch.float32
+    assert inputs["depth_maps"].shape == (inputs["pixel_values"].shape[0] * p * p,)
+    assert inputs["depth_maps"].dtype == torch.float32
 
 
 def test_default_prompt_ends_with_the_assistant_header_after_the_image(processor):
@@ -57,18 +57,21 @@ def test_default_prompt_ends_with_the_assistant_header_after_the_image(processor
     assert text.index("<|vision_end|>") < text.index("<|im_start|>assistant")
 
 
-def test_depth_values_rows_lie_on_the_same_pixels_as_pixel_values_rows(processor):
-    # Images already on their grid (no resampling): depth is a function of the red channel, so row i of
-    # depth_values must equal that function of the red values in row i of the processor's own pixel_values.
+def test_patchified_depth_maps_lie_on_the_same_pixels_as_pixel_values_rows(processor):
+    # Images already on their grid (no resampling): depth is a function of the red channel, so row i of the depth
+    # maps patchified as the model's depth branch patchifies its output must equal that function of the red values
+    # in row i of the processor's own pixel_values.
     ip = processor.image_processor
-    p, _, t = _geometry(processor)
+    p, m, t = _geometry(processor)
     images = [_rgb((56, 84), 1), _rgb((112, 56), 2)]
     depths = [image[..., 0].astype(np.float32) / 10 + 0.5 for image in images]
     inputs = processor(rgb=images, depth=depths)
+    maps = split_maps(inputs["depth_maps"], inputs["image_grid_thw"], p)
+    rows = torch.cat([patchify(d[None, None], p, m, t) for d in maps])
     red = inputs["pixel_values"][:, : t * p * p] * ip.image_std[0] + ip.image_mean[0]
     expected = torch.round(red * 255) / 10 + 0.5
     assert inputs["pixel_values"].shape[0] == 56 * 84 // p**2 + 112 * 56 // p**2
-    assert torch.allclose(inputs["depth_values"], expected, rtol=0, atol=1e-4)
+    assert torch.allclose(rows, expected, rtol=0, atol=1e-4)
 
 
 def test_a_batch_of_two_sizes_gives_each_image_its_resized_depth(processor):
@@ -76,9 +79,9 @@ def test_a_batch_of_two_sizes_gives_each_image_its_resized_depth(processor):
     images = [_rgb(s, i) for i, s in enumerate(shapes)]
     depths = [_sparse(s, 0.2, i) for i, s in enumerate(shapes)]
     inputs = processor(rgb=images, depth=depths)
-    recovered = unpatchify(inputs["depth_values"], inputs["image_grid_thw"], 1, *_geometry(processor))
+    recovered = split_maps(inputs["depth_maps"], inputs["image_grid_thw"], processor.image_processor.patch_size)
     for depth, shape, image in zip(depths, shapes, recovered):
-        assert torch.equal(image[0], torch.from_numpy(resize_depth(depth, processor.grid_size(*shape))))
+        assert torch.equal(image, torch.from_numpy(resize_depth(depth, processor.grid_size(*shape))))
     assert inputs["input_ids"].shape[0] == 2
 
 
@@ -87,9 +90,9 @@ def test_depth_of_another_resolution_is_resized_onto_the_rgb_grid(processor):
     half = _sparse((48, 64), 0.3, 3)
     inputs = processor(rgb=rgb, depth=half)
     grid = processor.grid_size(96, 128)
-    (image,) = unpatchify(inputs["depth_values"], inputs["image_grid_thw"], 1, *_geometry(processor))
-    assert tuple(image.shape[-2:]) == grid
-    assert torch.equal(image[0], torch.from_numpy(resize_depth(half, grid)))
+    (image,) = split_maps(inputs["depth_maps"], inputs["image_grid_thw"], processor.image_processor.patch_size)
+    assert tuple(image.shape) == grid
+    assert torch.equal(image, torch.from_numpy(resize_depth(half, grid)))
 
     # A scene of four constant quadrants gives the same grid depth from a half- and a full-resolution map.
     def quadrants(h: int, w: int) -> np.ndarray:
@@ -97,8 +100,7 @@ def test_depth_of_another_resolution_is_resized_onto_the_rgb_grid(processor):
         return (1 + (rows >= h // 2) + 2 * (cols >= w // 2)).astype(np.float32)
 
     from_half, from_full = (
-        unpatchify(processor(rgb=rgb, depth=d)["depth_values"], inputs["image_grid_thw"], 1, *_geometry(processor))[0]
-        for d in (quadrants(48, 64), quadrants(96, 128))
+        processor(rgb=rgb, depth=d)["depth_maps"].view(grid) for d in (quadrants(48, 64), quadrants(96, 128))
     )
     assert torch.equal(from_half, from_full)
     assert sorted(from_half.unique().tolist()) == [1.0, 2.0, 3.0, 4.0]
@@ -114,8 +116,9 @@ def test_depth_with_another_aspect_ratio_is_refused(processor):
 def test_no_depth_or_all_zero_depth_is_monocular(processor, depth):
     rgb = _rgb((48, 64), 4)
     inputs = processor(rgb=rgb, depth=np.zeros((48, 64), np.float32) if depth == "zeros" else None)
-    assert inputs["depth_values"].shape[0] == inputs["pixel_values"].shape[0]
-    assert not inputs["depth_values"].any()
+    patch = processor.image_processor.patch_size
+    assert inputs["depth_maps"].shape[0] == inputs["pixel_values"].shape[0] * patch**2
+    assert not inputs["depth_maps"].any()
 
 
 def test_bad_inputs_raise_data_errors(processor):

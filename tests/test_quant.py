@@ -10,7 +10,7 @@ import torch
 from vlm_depth.errors import ConfigError, ModelError
 from vlm_depth.model.branch_config import DepthBranchConfig
 from vlm_depth.model.depth_vlm import DepthVLM
-from vlm_depth.model.peft_setup import apply_lora
+from vlm_depth.model.finetune import apply_lora
 from vlm_depth.model.processor import DepthProcessor
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -39,7 +39,7 @@ def test_nf4_quantizes_the_language_model_only(tiny_ckpt):
 def test_nf4_forward_keeps_zero_init_identity_and_tracks_fp32(tiny_ckpt, inputs):
     quantized = DepthVLM.from_pretrained(tiny_ckpt, quantization="nf4").eval()
     full = DepthVLM.from_pretrained(tiny_ckpt).eval()
-    plain = {k: v for k, v in inputs.items() if k != "depth_values"}
+    plain = {k: v for k, v in inputs.items() if k != "depth_maps"}
     with torch.no_grad():
         with_depth = quantized(**inputs).logits
         without_depth = quantized(**plain).logits

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlm_depth.config import SynthConfig
+from vlm_depth.cli import SynthConfig, run_synth
 from vlm_depth.data import load
 from vlm_depth.data.synthetic import (
     MAX_GT_DEPTH,
@@ -19,7 +19,6 @@ from vlm_depth.data.synthetic import (
     iter_samples,
     missing_counts,
     missing_rates,
-    run_synth,
 )
 from vlm_depth.data.synthetic_layout import make_material
 from vlm_depth.data.synthetic_scene import (

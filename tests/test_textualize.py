@@ -138,7 +138,7 @@ def test_label_free_held_out_values_never_reach_the_depth_input_or_any_prompt(pa
         gt = {"none": None, "nan": np.full(depth.shape, np.nan, np.float32), "poison": Poison()}[gt_kind]
         rng = np.random.default_rng(1000 + seed)
         shown, queries = select_queries(
-            depth, gt, label_source="sparse", n_queries=60, keep_ratio=0.3, holdout_ratio=0.2, rng=rng
+            depth, gt, label_source="sparse", queries_per_image=60, keep_ratio=0.3, holdout_ratio=0.2, rng=rng
         )
         valid = np.isfinite(depth) & (depth > 0)
         held = valid & (shown == 0)
@@ -170,7 +170,7 @@ def test_label_free_selection_is_identical_whatever_the_gt(paper):
             depth,
             gt,
             label_source="sparse",
-            n_queries=30,
+            queries_per_image=30,
             keep_ratio=0.5,
             holdout_ratio=0.3,
             sampling="distance",
@@ -189,7 +189,7 @@ def test_gt_labels_fill_pixels_where_the_input_is_missing():
     gt[:10] = 0.0  # no GT in the top rows
     depth = _sparse_input(1)
     shown, queries = select_queries(
-        depth, gt, label_source="gt", n_queries=200, keep_ratio=0.25, holdout_ratio=0.0, rng=rng
+        depth, gt, label_source="gt", queries_per_image=200, keep_ratio=0.25, holdout_ratio=0.0, rng=rng
     )
     valid = np.isfinite(depth) & (depth > 0)
     np.testing.assert_array_equal(shown, np.where(valid, depth, 0))
@@ -201,9 +201,9 @@ def test_gt_labels_fill_pixels_where_the_input_is_missing():
     for q in keeps:
         assert q.given == q.label == float(depth[q.y, q.x])
     with pytest.raises(DataError, match="ground truth"):
-        select_queries(depth, None, label_source="gt", n_queries=4, keep_ratio=0, holdout_ratio=0, rng=rng)
+        select_queries(depth, None, label_source="gt", queries_per_image=4, keep_ratio=0, holdout_ratio=0, rng=rng)
     with pytest.raises(DataError, match="shape"):
-        select_queries(depth, gt[:10], label_source="gt", n_queries=4, keep_ratio=0, holdout_ratio=0, rng=rng)
+        select_queries(depth, gt[:10], label_source="gt", queries_per_image=4, keep_ratio=0, holdout_ratio=0, rng=rng)
 
 
 def test_short_pools_give_fewer_queries_never_duplicates():
@@ -213,7 +213,7 @@ def test_short_pools_give_fewer_queries_never_duplicates():
         depth,
         None,
         label_source="sparse",
-        n_queries=100,
+        queries_per_image=100,
         keep_ratio=0.5,
         holdout_ratio=0.3,
         rng=np.random.default_rng(0),
@@ -228,11 +228,13 @@ def test_short_pools_give_fewer_queries_never_duplicates():
         {"holdout_ratio": -0.1},
         {"sampling": "nearest"},
         {"label_source": "dense"},
-        {"n_queries": -1},
+        {"queries_per_image": -1},
     ],
 )
 def test_bad_selection_settings_raise_config_error(bad):
-    kwargs = dict(label_source="sparse", n_queries=4, keep_ratio=0.5, holdout_ratio=0.5, rng=np.random.default_rng(0))
+    kwargs = dict(
+        label_source="sparse", queries_per_image=4, keep_ratio=0.5, holdout_ratio=0.5, rng=np.random.default_rng(0)
+    )
     with pytest.raises(ConfigError):
         select_queries(_sparse_input(0), None, **{**kwargs, **bad})
 
@@ -245,7 +247,7 @@ def _share_of_queries(depth, gt, sampling: str, predicate) -> float:
             depth,
             gt,
             label_source="gt",
-            n_queries=100,
+            queries_per_image=100,
             keep_ratio=0.0,
             holdout_ratio=0.0,
             sampling=sampling,

@@ -61,7 +61,7 @@ def _separate(model, example, k, **extra):
             input_ids=ids,
             pixel_values=example["pixel_values"],
             image_grid_thw=example["image_grid_thw"],
-            depth_values=example["depth_values"],
+            depth_maps=example["depth_maps"],
             mm_token_type_ids=example["mm_token_type_ids"][keep][None],
             **extra,
         ).logits[0]
@@ -124,11 +124,13 @@ def test_labels_cover_exactly_the_answer_tokens(coords):
 
 
 def test_label_free_example_hides_held_out_points(coords):
-    """Label-free fill labels are held-out input points: absent from depth_values and from every prompt."""
+    """Label-free fill labels are held-out input points: absent from depth_maps and from every prompt."""
     from vlm_depth.data.sample import RGBDSample
 
     _, processor, _, layout = coords
-    builder = ExampleBuilder(processor, layout, QuerySpec(label_source="sparse", num_queries=8, holdout_ratio=0.3))
+    builder = ExampleBuilder(
+        processor, layout, QuerySpec(label_source="sparse", queries_per_image=8, holdout_ratio=0.3)
+    )
     rng = np.random.default_rng(5)
     # distinct values 10 mm apart, so a formatted label names exactly one input point
     valid = rng.random((48, 64)) < 0.2
@@ -143,7 +145,7 @@ def test_label_free_example_hides_held_out_points(coords):
     text = processor.tokenizer.decode(example["input_ids"][example["labels"] == -100])
     for value in fills.tolist():
         (measured,) = depth[np.isclose(depth, value, atol=5e-4)]  # the held-out input point it came from
-        assert not (example["depth_values"] == measured).any()
+        assert not (example["depth_maps"] == measured).any()
         assert f"{value:.3f}" not in text
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from vlm_depth.config import parse_config
 from vlm_depth.resources import load_yaml
-from vlm_depth.train.config import TrainConfig
+from vlm_depth.train.train_config import TrainConfig
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "train").glob("*.yaml"))
 
@@ -34,7 +34,12 @@ def test_recipe_parses_documents_every_key_and_its_launch_command(recipe):
     assert set(keys) <= {f for f in TrainConfig.__dataclass_fields__}
     if recipe.stem.startswith(("qwen2.5-vl-3b", "ablation-")):
         # the paper's setting: 20K images, 10 epochs, global batch 16 on 8 GPUs, one pixel per sample
-        assert (cfg.num_images, cfg.epochs, cfg.batch_size * 8 * cfg.grad_accum, cfg.num_queries) == (20000, 10, 16, 1)
+        assert (cfg.num_images, cfg.epochs, cfg.batch_size * 8 * cfg.grad_accum, cfg.queries_per_image) == (
+            20000,
+            10,
+            16,
+            1,
+        )
 
 
 def test_ablations_differ_from_the_main_recipe_only_where_they_say():

@@ -19,9 +19,10 @@ from vlm_depth import cli
 from vlm_depth.config import parse_config
 from vlm_depth.data import register_reader
 from vlm_depth.data.synthetic import SyntheticDataset
-from vlm_depth.train.checkpoint import WEIGHTS_FILE, list_checkpoints
-from vlm_depth.train.config import TrainConfig
-from vlm_depth.train.loop import TrainingDiverged, run_train
+from vlm_depth.train.resume import WEIGHTS_FILE, list_checkpoints
+from vlm_depth.train.step import TrainingDiverged
+from vlm_depth.train.train_config import TrainConfig
+from vlm_depth.train.trainer import run_train
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "train" / "tiny-synthetic.yaml"
@@ -67,7 +68,8 @@ def test_tiny_recipe_loss_and_mae_fall_and_checkpoint_loads(tiny_ckpt, tmp_path,
     from vlm_depth.prompts.chat import ChatLayout
     from vlm_depth.prompts.template import PromptTemplate
     from vlm_depth.prompts.textualize import Textualizer
-    from vlm_depth.train.loop import build_val_batches, validate
+    from vlm_depth.train.setup import build_val_batches
+    from vlm_depth.train.validate import validate
 
     model = DepthVLM.from_pretrained(out / "final")
     processor = DepthProcessor.from_pretrained(out / "final")
@@ -89,7 +91,7 @@ def _trainable(out: Path, step: int) -> dict[str, torch.Tensor]:
 
 def test_resume_after_interruption_matches_uninterrupted_run(tiny_ckpt, tmp_path):
     # LoRA with dropout: the resumed run must also restore the RNG that draws the dropout masks
-    common = ["--dataset", SMALL, "--num_queries", "4", "--max_steps", "20", "--save_every", "10"]
+    common = ["--dataset", SMALL, "--queries_per_image", "4", "--max_steps", "20", "--save_every", "10"]
     common += ["--finetune", "lora", "--lora_dropout", "0.1", "--lr_backbone", "1e-3"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_train(_config(tiny_ckpt, straight, *common))

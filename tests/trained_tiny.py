@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlm_depth.infer.complete import chat_layout
+from vlm_depth.infer.readouts import chat_layout
 from vlm_depth.model.branch_config import DepthBranchConfig
 from vlm_depth.model.depth_vlm import DepthVLM
 from vlm_depth.model.packing import PAD, block_attention_mask, packed_position_ids
@@ -89,7 +89,7 @@ def train_tiny(base: Path, out: Path, query_mode: str, steps: int = 40, seed: in
             input_ids=input_ids,
             pixel_values=inputs["pixel_values"],
             image_grid_thw=inputs["image_grid_thw"],
-            depth_values=inputs["depth_values"],
+            depth_maps=inputs["depth_maps"],
             pointer_xy=torch.tensor(pointers, dtype=torch.float32) if pointers else None,
             position_ids=positions,
             attention_mask=block_attention_mask(segments),

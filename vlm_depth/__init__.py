@@ -1,6 +1,7 @@
 """vlm-depth: metric depth completion with a vision-language model (Qwen2.5-VL).
 
-Stable Python API: `DepthVLM`, `DepthProcessor`, `complete` (imported lazily so `import vlm_depth` stays light).
+Stable Python API: `DepthVLM`, `DepthProcessor`, `load_model`, `complete` (imported lazily so `import vlm_depth`
+stays light).
 """
 
 from typing import Any
@@ -10,6 +11,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "DepthVLM": "vlm_depth.model.depth_vlm",
     "DepthProcessor": "vlm_depth.model.processor",
+    "load_model": "vlm_depth.model.loading",
     "complete": "vlm_depth.infer.complete",
 }
 
@@ -22,4 +24,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'vlm_depth' has no attribute {name!r}")
 
 
-__all__ = ["DepthVLM", "DepthProcessor", "complete", "__version__"]
+__all__ = ["DepthVLM", "DepthProcessor", "load_model", "complete", "__version__"]

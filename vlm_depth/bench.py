@@ -1,26 +1,69 @@
-"""`vlm-depth bench decoder|train`: dispatch to the decoder or the training benchmark; both return a JSON summary."""
+"""`vlm-depth bench decoder|train`: the config of the command, and the dispatch to the decoder or the training
+benchmark (`vlm_depth.infer.bench`, `vlm_depth.train.bench`); both return a JSON summary."""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
 
-from vlm_depth.config import BenchConfig, save_config
+from vlm_depth.config import option, save_config
 from vlm_depth.errors import ConfigError
+
+
+@dataclass
+class BenchConfig:
+    """`vlm-depth bench decoder|train`: speed ratios measured in one run, printed as JSON."""
+
+    renamed: ClassVar[dict[str, str]] = {"train_k": "queries_per_image", "num_queries": "query_pixels"}
+
+    what: str = option("What to benchmark: `decoder` or `train`.", default="decoder")
+    model: str = option("Checkpoint folder (a vlm-depth or plain Qwen2.5-VL checkpoint).", default="")
+    out: str = option("Optional folder for the JSON result and the resolved config.", default="")
+    height: int = option("Height of the benchmark images in pixels.", default=448)
+    width: int = option("Width of the benchmark images in pixels.", default=448)
+    seed: int = option("Seed of the benchmark images and query pixels.", default=0)
+    num_images: int = option("bench train: number of benchmark images.", default=2)
+    queries_per_image: int = option("bench train: queries K packed per image, compared with K = 1.", default=64)
+    k1_queries: int = option("bench train: queries per image timed one per sequence (K = 1); 0 = all.", default=16)
+    k1_batch: int = option("bench train: sequences per K = 1 micro-batch.", default=4)
+    query_pixels: int = option("bench decoder: query pixels (distinct grid cells) of the image.", default=512)
+    max_queries_per_pass: int = option("bench decoder: queries decoded together per pass.", default=128)
+    packing: str = option("bench decoder: decoder layout, batch or packed.", default="batch")
+    repeats: int = option("bench decoder: timed runs of the fast decoder and of the forward (best kept).", default=3)
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run the benchmark `cfg.what` (`decoder` or `train`); writes `bench_WHAT.json` and the config to `cfg.out`."""
+    if not cfg.model:
+        raise ConfigError(f"bench {cfg.what}: --model CKPT is required")
+    image = {"height": cfg.height, "width": cfg.width, "seed": cfg.seed}
     if cfg.what == "decoder":
-        from vlm_depth.infer.bench import bench_decoder as bench
+        from vlm_depth.infer.bench import bench_decoder
+
+        result = bench_decoder(
+            cfg.model,
+            **image,
+            query_pixels=cfg.query_pixels,
+            max_queries_per_pass=cfg.max_queries_per_pass,
+            packing=cfg.packing,
+            repeats=cfg.repeats,
+        )
     elif cfg.what == "train":
-        from vlm_depth.train.bench import bench_train as bench
+        from vlm_depth.train.bench import bench_train
+
+        result = bench_train(
+            cfg.model,
+            **image,
+            num_images=cfg.num_images,
+            queries_per_image=cfg.queries_per_image,
+            k1_queries=cfg.k1_queries,
+            k1_batch=cfg.k1_batch,
+        )
     else:
         raise ConfigError(f"bench: unknown benchmark {cfg.what!r}; choose decoder or train")
-    result = bench(cfg)
     if cfg.out:
-        import json
-        from pathlib import Path
-
         save_config(cfg.out, cfg)
         (Path(cfg.out) / f"bench_{cfg.what}.json").write_text(json.dumps(result, indent=2))
     return result

@@ -1,5 +1,7 @@
 """`vlm-depth` entry point: parses a command's config and calls one library function. The only module that prints.
 
+Command configs live beside the code that runs them; the two thin commands `tiny` and `synth` are defined here.
+
 Heavy imports (torch, transformers) happen inside the command, so `vlm-depth --help` is instant.
 """
 
@@ -12,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vlm_depth.config import option, parse_config
 from vlm_depth.errors import VlmDepthError
 
 
@@ -24,42 +27,91 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "demo": Command(
-        "vlm_depth.config:DemoConfig",
-        "vlm_depth.eval.demo:run_demo",
+        "vlm_depth.demo.demo_config:DemoConfig",
+        "vlm_depth.demo.run:run_demo",
         "main job on the embedded default: tiny model, synthetic sensor data, label-free training, "
         "evaluation against baselines, one completed sample, report.md",
     ),
     "tiny": Command(
-        "vlm_depth.config:TinyConfig",
-        "vlm_depth.model.tiny:build_tiny_checkpoint",
+        "vlm_depth.cli:TinyConfig",
+        "vlm_depth.cli:run_tiny",
         "write the offline tiny Qwen2.5-VL checkpoint (random weights, local tokenizer, real processor)",
     ),
     "synth": Command(
-        "vlm_depth.config:SynthConfig",
-        "vlm_depth.data.synthetic:run_synth",
+        "vlm_depth.cli:SynthConfig",
+        "vlm_depth.cli:run_synth",
         "synthetic RGB-D scenes with simulated stereo-sensor failures (folder format)",
     ),
     "train": Command(
-        "vlm_depth.train.config:TrainConfig",
-        "vlm_depth.train.loop:run_train",
+        "vlm_depth.train.train_config:TrainConfig",
+        "vlm_depth.train.trainer:run_train",
         "fine-tune on sparse labels (single process, or under `accelerate launch`)",
     ),
     "complete": Command(
-        "vlm_depth.infer.config:CompleteConfig",
-        "vlm_depth.infer.complete:run_complete",
+        "vlm_depth.infer.complete_config:CompleteConfig",
+        "vlm_depth.infer.run_complete:run_complete",
         "complete the depth of one RGB + depth pair or a folder",
     ),
     "eval": Command(
-        "vlm_depth.eval.config:EvalConfig",
+        "vlm_depth.eval.eval_config:EvalConfig",
         "vlm_depth.eval.runner:run_eval",
         "evaluate a model or a baseline on a dataset and sparsity protocol (or a suite)",
     ),
     "bench": Command(
-        "vlm_depth.config:BenchConfig",
+        "vlm_depth.bench:BenchConfig",
         "vlm_depth.bench:run_bench",
         "speed ratios measured in one run (`bench decoder` or `bench train`), printed as JSON",
     ),
 }
+
+
+@dataclass
+class TinyConfig:
+    """`vlm-depth tiny`: write the offline tiny Qwen2.5-VL checkpoint."""
+
+    out: str = option("Output folder (an ordinary Hugging Face checkpoint folder).", default="runs/tiny")
+    seed: int = option("Seed for the random weights.", default=0)
+    hidden_size: int = option("Text hidden size (multiple of num_heads; head_dim must be 32).", default=128)
+    num_layers: int = option("Number of text decoder layers.", default=2)
+    vision_depth: int = option("Number of vision transformer blocks.", default=2)
+    max_pixels: int = option("Image processor max_pixels (28*28*tokens).", default=28 * 28 * 100)
+    min_pixels: int = option("Image processor min_pixels.", default=28 * 28 * 4)
+
+
+def run_tiny(cfg: TinyConfig) -> dict[str, Any]:
+    """`vlm-depth tiny`: `vlm_depth.model.tiny.build_tiny_checkpoint` with the command's options."""
+    from dataclasses import asdict
+
+    from vlm_depth.model.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(**asdict(cfg))
+
+
+@dataclass
+class SynthConfig:
+    """`vlm-depth synth`: synthetic RGB-D scenes with simulated stereo-sensor failures."""
+
+    out: str = option("Output folder (the `folder` dataset format).", default="runs/synth")
+    num: int = option("Number of frames.", default=8)
+    seed: int = option("Seed; output is byte-for-byte reproducible for a seed.", default=0)
+    height: int = option("Image height in pixels.", default=240)
+    width: int = option("Image width in pixels.", default=320)
+    preview: bool = option("Also write a side-by-side preview PNG (RGB | GT | sensor | error).", default=False)
+    scene: str = option("Scene layouts: room, street, or mixed (4/5 rooms).", default="mixed")
+    workers: int = option("Worker processes (0 = one per CPU core); the output does not depend on it.", default=0)
+
+
+def run_synth(cfg: SynthConfig) -> dict[str, Any]:
+    """`vlm-depth synth`: `vlm_depth.data.synthetic.write_synthetic` with the command's options; the resolved
+    config is saved beside the frames."""
+    from dataclasses import asdict
+
+    from vlm_depth.config import save_config
+    from vlm_depth.data.synthetic import write_synthetic
+
+    summary = write_synthetic(**asdict(cfg))
+    save_config(cfg.out, cfg)
+    return summary
 
 
 def _resolve(spec: str) -> Any:
@@ -87,15 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = COMMANDS[name]
     if name == "bench" and rest and not rest[0].startswith("-"):
         rest = ["--what", rest[0], *rest[1:]]
-    try:
-        runner = _resolve(cmd.runner)
-        config_class = _resolve(cmd.config)
-    except (ImportError, AttributeError) as exc:
-        print(f"error: `vlm-depth {name}` is not available in this build ({exc})", file=sys.stderr)
-        return 2
-
-    from vlm_depth.config import parse_config
-
+    runner, config_class = _resolve(cmd.runner), _resolve(cmd.config)
     try:
         result = runner(parse_config(config_class, rest, prog=f"vlm-depth {name}"))
     except VlmDepthError as exc:

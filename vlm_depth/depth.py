@@ -67,6 +67,14 @@ def sanitize_depth(depth: np.ndarray, what: str) -> np.ndarray:
     return depth
 
 
+def require_finite(depth: np.ndarray, what: str) -> None:
+    """DataError when a depth map has values but none is finite: all NaN/inf is a broken file or array, not "no
+    depth" (monocular input is all zeros)."""
+    depth = np.asarray(depth)
+    if depth.size and np.issubdtype(depth.dtype, np.floating) and not np.isfinite(depth).any():
+        raise DataError(f"{what}: the depth map has no finite value (all NaN/inf); for monocular input pass zeros")
+
+
 def keep_input(
     depth: np.ndarray, sparse: np.ndarray, uncertainty: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:

@@ -106,12 +106,7 @@ def build_sample(files: Sequence[str | Path], **fields: Any) -> RGBDSample:
 
 def _import_readers() -> None:
     for module in _READER_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            # Optional reader modules (written in parallel) may be absent from a build; anything else is a bug.
-            if exc.name != module:
-                raise
+        importlib.import_module(module)
 
 
 def parse_spec(spec: str) -> tuple[str, str]:

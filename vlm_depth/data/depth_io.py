@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 from vlm_depth.data.sample import Intrinsics
-from vlm_depth.depth import sanitize_depth, valid_mask
+from vlm_depth.depth import require_finite, sanitize_depth, valid_mask
 from vlm_depth.errors import ConfigError, DataError
 
 UINT16_MAX = 65535
@@ -100,7 +100,8 @@ def read_npy(path: str | Path) -> np.ndarray:
 
 
 def read_depth(path: str | Path, scale: float | None = None, key: str | None = None) -> np.ndarray:
-    """Read a depth map as (H, W) float32 meters, 0 = missing (NaN/inf are kept; `RGBDSample` masks them).
+    """Read a depth map as (H, W) float32 meters, 0 = missing (NaN/inf are kept; `RGBDSample` masks them; a map
+    without any finite value is refused).
 
     path: a 16-bit PNG/TIFF (value / `scale`), a `.npy` (float meters; allow_pickle=False) or an HDF5 file
     (dataset `key`, default: the file's only top-level dataset). `scale` (units per meter) is required for integer
@@ -110,12 +111,15 @@ def read_depth(path: str | Path, scale: float | None = None, key: str | None = N
     _require_file(path)
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
-        return _read_depth_image(path, scale)
-    if suffix == ".npy":
-        return _array_to_meters(read_npy(path), scale, path)
-    if suffix in HDF5_SUFFIXES:
-        return _read_depth_hdf5(path, scale, key)
-    raise DataError(f"{path}: unknown depth file type {suffix!r} (expected .png, .tif, .npy, .h5/.hdf5)")
+        depth = _read_depth_image(path, scale)
+    elif suffix == ".npy":
+        depth = _array_to_meters(read_npy(path), scale, path)
+    elif suffix in HDF5_SUFFIXES:
+        depth = _read_depth_hdf5(path, scale, key)
+    else:
+        raise DataError(f"{path}: unknown depth file type {suffix!r} (expected .png, .tif, .npy, .h5/.hdf5)")
+    require_finite(depth, str(path))
+    return depth
 
 
 def read_raw_float32(path: str | Path, shape: tuple[int, int]) -> np.ndarray:

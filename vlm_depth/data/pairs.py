@@ -7,7 +7,9 @@ captures, projected LiDAR next to an image).
 names (`rgb_00050.jpg` <-> `sync_depth_00050.png`), or directly when each pattern matches exactly one file. Give
 `depth` for the sensor input and/or `gt` for a reference; with only `gt`, the depth is the ground truth itself
 (`depth_is_gt`). `depth_scale` converts integer PNGs (units per meter) and is unused for `.npy`; `intrinsics` is
-(fx, fy, cx, cy) or a file understood by `read_intrinsics`, applied to every frame.
+(fx, fy, cx, cy), the text "fx,fy,cx,cy" or a file understood by `read_intrinsics`, applied to every frame.
+
+`read_pair(rgb, depth, ...)` reads one pair of files the same way (the pair of `vlm-depth complete --rgb --depth`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from vlm_depth.data.dataset import RGBDDataset, build_sample, register_reader
 from vlm_depth.data.depth_io import read_depth, read_intrinsics, read_rgb
@@ -61,7 +65,7 @@ class PairsDataset(RGBDDataset):
             raise ConfigError("pairs: give a `depth` and/or a `gt` glob pattern")
         self.depth_scale = depth_scale
         self.max_depth = max_depth
-        self.intrinsics = self._intrinsics(intrinsics)
+        self.intrinsics = parse_intrinsics(intrinsics, self.root)
         rgbs = _index(self.root, rgb)
         maps = {role: _index(self.root, pattern) for role, pattern in (("depth", depth), ("gt", gt)) if pattern}
         for role, files in maps.items():
@@ -76,28 +80,51 @@ class PairsDataset(RGBDDataset):
         ]
         self._require_items(f"files matching {rgb!r}")
 
-    def _intrinsics(self, intrinsics: Sequence[float] | str | None) -> Intrinsics | None:
-        if intrinsics is None:
-            return None
-        if isinstance(intrinsics, (str, Path)):
-            path = Path(intrinsics)
-            return read_intrinsics(path if path.is_absolute() or path.is_file() else self.root / path)
-        if len(intrinsics) != 4:
-            raise ConfigError(f"pairs: intrinsics must be (fx, fy, cx, cy), got {intrinsics}")
-        return tuple(float(v) for v in intrinsics)  # type: ignore[return-value]
-
     def read(self, item: dict[str, Any]) -> RGBDSample:
-        gt = read_depth(item["gt"], self.depth_scale) if "gt" in item else None
-        depth = read_depth(item["depth"], self.depth_scale) if "depth" in item else gt
-        meta: dict[str, Any] = {} if self.max_depth is None else {"max_depth": self.max_depth}
-        if "depth" not in item:
-            meta["depth_is_gt"] = True
-        return build_sample(
-            list(item.values()),
-            rgb=read_rgb(item["rgb"]),
-            depth=depth,
-            gt=gt,
-            intrinsics=self.intrinsics,
-            name=str(item["rgb"].relative_to(self.root).with_suffix("")),
-            meta=meta,
-        )
+        name = str(item["rgb"].relative_to(self.root).with_suffix(""))
+        return _read(item, self.depth_scale, self.intrinsics, self.max_depth, name)
+
+
+def parse_intrinsics(value: Sequence[float] | str | None, root: Path | None = None) -> Intrinsics | None:
+    """(fx, fy, cx, cy) in pixels from 4 numbers, the text "fx,fy,cx,cy", or a file understood by `read_intrinsics`
+    (a relative path that does not exist as given is looked up under `root`); None or "" -> None."""
+    if value is None or (isinstance(value, str) and not value):
+        return None
+    if isinstance(value, str) and "," in value:
+        try:
+            value = [float(v) for v in value.split(",")]
+        except ValueError as err:
+            raise ConfigError(f"intrinsics must be 'fx,fy,cx,cy' or a file, got {value!r}") from err
+    if isinstance(value, (str, Path)):
+        path = Path(value)
+        return read_intrinsics(path if root is None or path.is_absolute() or path.is_file() else root / path)
+    if len(value) != 4:
+        raise ConfigError(f"intrinsics must be (fx, fy, cx, cy), got {value}")
+    return tuple(float(v) for v in value)  # type: ignore[return-value]
+
+
+def read_pair(
+    rgb: str | Path,
+    depth: str | Path | None = None,
+    *,
+    depth_scale: float | None = None,
+    intrinsics: Sequence[float] | str | None = None,
+) -> RGBDSample:
+    """One RGB file with its depth file (None: monocular, depth all 0) as an `RGBDSample` named after the RGB
+    file; `depth_scale` and `intrinsics` as for `pairs:` datasets."""
+    item = {"rgb": Path(rgb)} | ({} if depth is None else {"depth": Path(depth)})
+    return _read(item, depth_scale, parse_intrinsics(intrinsics), None, Path(rgb).stem)
+
+
+def _read(
+    item: dict[str, Path], depth_scale: float | None, intrinsics: Intrinsics | None, max_depth: float | None, name: str
+) -> RGBDSample:
+    rgb = read_rgb(item["rgb"])
+    gt = read_depth(item["gt"], depth_scale) if "gt" in item else None
+    depth = read_depth(item["depth"], depth_scale) if "depth" in item else gt
+    meta: dict[str, Any] = {} if max_depth is None else {"max_depth": max_depth}
+    if depth is None:
+        depth = np.zeros(rgb.shape[:2], np.float32)
+    elif "depth" not in item:
+        meta["depth_is_gt"] = True
+    return build_sample(list(item.values()), rgb=rgb, depth=depth, gt=gt, intrinsics=intrinsics, name=name, meta=meta)

@@ -7,8 +7,8 @@ with a left-right check, so holes and errors fall where real sensors fail (textu
 surfaces, occlusion edges, range limits), not at random.
 
 A frame is a pure function of (seed, index): `generate_sample(i, seed)` gives the same bytes in any process, so
-training workers can draw frames on the fly. `vlm-depth synth` writes them in the `folder` format, and
-`load("synthetic:N?seed=S")` reads N frames as a dataset without touching the disk.
+training workers can draw frames on the fly. `write_synthetic` (`vlm-depth synth`) writes them in the `folder`
+format, and `load("synthetic:N?seed=S")` reads N frames as a dataset without touching the disk.
 
 Material codes of `sample.meta["material"]` ((H, W) uint8): 0 sky / no surface (no ground truth), 1 textured
 matte, 2 textureless, 3 specular, 4 transparent (the first surface along the pixel's ray).
@@ -26,7 +26,6 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
-from vlm_depth.config import SynthConfig, save_config
 from vlm_depth.data.dataset import RGBDDataset, register_reader
 from vlm_depth.data.sample import RGBDSample
 from vlm_depth.data.synthetic_layout import SCENE_KINDS, make_scene
@@ -218,46 +217,57 @@ def render_preview(sample: RGBDSample) -> np.ndarray:
     return np.concatenate(row, axis=1)
 
 
-def run_synth(cfg: SynthConfig) -> dict[str, Any]:
-    """`vlm-depth synth`: write cfg.num frames in the folder format (+ an optional preview); return a summary."""
+def write_synthetic(
+    out: str | Path,
+    num: int,
+    *,
+    seed: int = 0,
+    height: int = 240,
+    width: int = 320,
+    scene: str = "mixed",
+    workers: int = 0,
+    preview: bool = False,
+) -> dict[str, Any]:
+    """Write frames 0 .. num - 1 of the stream `seed` (height x width pixels, `scene` layouts) into `out` in the
+    folder format, plus `preview.png` of the first frame with `preview`; `workers` processes (0 = one per CPU core;
+    the frames do not depend on it). Returns a summary: timings, generation CPU seconds, missing rates."""
     from tqdm.auto import tqdm
 
     from vlm_depth.data.depth_io import write_rgb
     from vlm_depth.data.folder import write_folder_sample
 
-    if cfg.num < 1:
-        raise ConfigError(f"--num must be >= 1, got {cfg.num}")
-    if cfg.scene not in SCENE_KINDS:
-        raise ConfigError(f"--scene must be one of {SCENE_KINDS}, got {cfg.scene!r}")
-    _check_size(cfg.height, cfg.width)
-    workers = cfg.workers if cfg.workers > 0 else (os.cpu_count() or 1)
-    out = Path(cfg.out)
+    if num < 1:
+        raise ConfigError(f"--num must be >= 1, got {num}")
+    if scene not in SCENE_KINDS:
+        raise ConfigError(f"--scene must be one of {SCENE_KINDS}, got {scene!r}")
+    _check_size(height, width)
+    workers = workers if workers > 0 else (os.cpu_count() or 1)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(out, cfg)
     start = time.perf_counter()
     counts, cpu_s = [], 0.0
-    frames = _timed_frames(cfg.num, cfg.seed, cfg.height, cfg.width, cfg.scene, 0, workers)
-    for index, (sample, cpu) in enumerate(tqdm(frames, total=cfg.num, desc="synth")):
+    frames = _timed_frames(num, seed, height, width, scene, 0, workers)
+    for index, (sample, cpu) in enumerate(tqdm(frames, total=num, desc="synth")):
         write_folder_sample(out, sample)
         counts.append(missing_counts(sample))
         cpu_s += cpu
-        if cfg.preview and index == 0:
-            preview = write_rgb(out / "preview.png", render_preview(sample))
+        if preview and index == 0:
+            preview_path = write_rgb(out / "preview.png", render_preview(sample))
     elapsed = time.perf_counter() - start
     summary: dict[str, Any] = {
         "out": str(out),
-        "num": cfg.num,
-        "seed": cfg.seed,
-        "size": [cfg.height, cfg.width],
+        "num": num,
+        "seed": seed,
+        "size": [height, width],
         "elapsed_s": round(elapsed, 2),
-        "s_per_frame": round(elapsed / cfg.num, 3),
+        "s_per_frame": round(elapsed / num, 3),
         "workers": workers,
         # CPU time of the generation (all processes and threads): elapsed time on idle cores, whatever the load
         "generation_cpu_s": round(cpu_s, 2),
         # null for a material absent from every frame
         "missing_rate": {k: (round(v, 4) if v == v else None) for k, v in missing_rates(counts).items()},
     }
-    if cfg.preview:
-        summary["preview"] = str(preview)
-    logger.info("synth: %d frames in %.1f s", cfg.num, elapsed)
+    if preview:
+        summary["preview"] = str(preview_path)
+    logger.info("synth: %d frames in %.1f s", num, elapsed)
     return summary

@@ -17,8 +17,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,47 +31,24 @@ from vlm_depth.config import save_config
 from vlm_depth.depth import valid_mask
 from vlm_depth.errors import ConfigError, DataError, ModelError
 from vlm_depth.eval import report
-from vlm_depth.eval.baselines import BASELINES, get_baseline
-from vlm_depth.eval.config import EvalConfig
+from vlm_depth.eval.baselines import get_baseline
+from vlm_depth.eval.eval_config import EvalConfig
 from vlm_depth.eval.metrics import REGIONS, eval_mask, mean_over_images, parse_crop, region_metrics
-from vlm_depth.resources import load_yaml, resource_path
+from vlm_depth.eval.suite import (
+    DatasetEntry,
+    Method,
+    Suite,
+    baseline_methods,
+    check_names,
+    dataset_name,
+    load_suite,
+    model_method,
+    split_list,
+)
 
 logger = logging.getLogger(__name__)
 
 Predictor = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-
-@dataclass(frozen=True)
-class Method:
-    """A method to evaluate: a classical baseline (`baseline`) or a checkpoint (`model` + `readout`)."""
-
-    name: str
-    baseline: str = ""
-    model: str = ""
-    readout: str = "query"
-
-
-@dataclass(frozen=True)
-class DatasetEntry:
-    """One dataset of a suite with the protocols to run on it and its evaluation settings."""
-
-    spec: str
-    name: str
-    protocols: tuple[str, ...]
-    split: str = ""
-    max_depth: float = 0.0
-    crop: str = "dataset"
-    max_images: int = 0
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Suite:
-    """Datasets x protocols x methods, plus method pairs whose per-metric gaps the report lists."""
-
-    datasets: list[DatasetEntry]
-    methods: list[Method]
-    compare: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -95,32 +72,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
 
 
-def _split_list(text: str) -> list[str]:
-    return [part.strip() for part in str(text).split(",") if part.strip()]
-
-
-def baseline_methods(names: str | Sequence[str]) -> list[Method]:
-    """Methods for baseline names (a comma-separated string or a list; `all` = every registered baseline)."""
-    names = _split_list(names) if isinstance(names, str) else list(names)
-    if names == ["all"]:
-        names = list(BASELINES)
-    for name in names:
-        get_baseline(name)
-    return [Method(name=name, baseline=name) for name in names]
-
-
-def model_method(model: str, readout: str = "query", name: str = "") -> Method:
-    """A checkpoint as a method, named `name` or `<folder>-<readout>`."""
-    if readout not in ("query", "mdm"):
-        raise ConfigError(f"readout must be `query` or `mdm`, got {readout!r}")
-    return Method(name=name or f"{Path(model).name}-{readout}", model=model, readout=readout)
-
-
-def _dataset_name(spec: str) -> str:
-    kind, _, path = spec.partition(":")
-    return f"{kind}-{Path(path).name}" if path else kind
-
-
 def suite_from_config(cfg: EvalConfig) -> Suite:
     """The suite of a single command-line run: one dataset, its protocol list, and the given methods."""
     if not cfg.dataset:
@@ -128,105 +79,28 @@ def suite_from_config(cfg: EvalConfig) -> Suite:
     if bool(cfg.model) == bool(cfg.baseline):
         raise ConfigError("give exactly one of --model CKPT or --baseline NAME[,NAME...|all]")
     methods = [model_method(cfg.model, cfg.readout)] if cfg.model else baseline_methods(cfg.baseline)
-    protocols = tuple(_split_list(cfg.protocol))
+    protocols = tuple(split_list(cfg.protocol))
     if not protocols:
         raise ConfigError("--protocol is empty")
     options = yaml.safe_load(cfg.options) if cfg.options else {}
     if not isinstance(options, dict):
         raise ConfigError(f"--options must be a YAML mapping such as '{{depth_scale: 256}}', got {cfg.options!r}")
-    name = _dataset_name(cfg.dataset)
+    name = dataset_name(cfg.dataset)
     entry = DatasetEntry(cfg.dataset, name, protocols, cfg.split, cfg.max_depth, cfg.crop, options=options)
     return Suite([entry], methods)
 
 
-DATASET_KEYS = {"dataset", "protocols", "name", "split", "max_depth", "crop", "max_images", "options"}
-
-
-def _known_keys(data: dict[str, Any], known: set[str], where: str) -> None:
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown}; known keys: {sorted(known)}")
-
-
-def load_suite(path: str | Path) -> Suite:
-    """Read a suite YAML: `methods` (list of {baseline: NAME|all} or {model: CKPT, readout, name}), `datasets` (list
-    of {dataset: KIND:PATH, protocols: [...], name, split, max_depth, crop, max_images, options: {reader kwargs}})
-    and optional `compare` (list of [METHOD_A, METHOD_B] names). Relative dataset and model paths are relative to
-    the working directory."""
-    path = resource_path("eval", str(path))
-    data = load_yaml(path)
-    _known_keys(data, {"methods", "datasets", "compare", "description"}, str(path))
-    methods: list[Method] = []
-    for i, item in enumerate(data.get("methods") or []):
-        where = f"{path}: methods[{i}]"
-        if not isinstance(item, dict) or bool(item.get("model")) == bool(item.get("baseline")):
-            raise ConfigError(f"{where}: expected a mapping with exactly one of `model` or `baseline`")
-        _known_keys(item, {"model", "readout", "name", "baseline"}, where)
-        if item.get("baseline"):
-            methods += baseline_methods(item["baseline"])
-        else:
-            methods.append(model_method(str(item["model"]), item.get("readout", "query"), item.get("name", "")))
-    datasets: list[DatasetEntry] = []
-    for i, item in enumerate(data.get("datasets") or []):
-        where = f"{path}: datasets[{i}]"
-        if not isinstance(item, dict) or not item.get("dataset") or not item.get("protocols"):
-            raise ConfigError(f"{where}: expected a mapping with `dataset: KIND:PATH` and `protocols: [...]`")
-        _known_keys(item, DATASET_KEYS, where)
-        if not isinstance(item.get("options") or {}, dict):
-            raise ConfigError(f"{where}: `options` must be a mapping of reader keyword arguments")
-        protocols = item["protocols"]
-        protocols = _split_list(protocols) if isinstance(protocols, str) else [str(p) for p in protocols]
-        datasets.append(
-            DatasetEntry(
-                spec=str(item["dataset"]),
-                name=str(item.get("name") or _dataset_name(str(item["dataset"]))),
-                protocols=tuple(protocols),
-                split=str(item.get("split") or ""),
-                max_depth=float(item.get("max_depth") or 0.0),
-                crop=str(item.get("crop", "dataset")),
-                max_images=int(item.get("max_images") or 0),
-                options=dict(item.get("options") or {}),
-            )
-        )
-    if not methods or not datasets:
-        raise ConfigError(f"{path}: a suite needs at least one entry in `methods` and in `datasets`")
-    compare = []
-    for pair in data.get("compare") or []:
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise ConfigError(f"{path}: `compare` entries must be [METHOD_A, METHOD_B], got {pair!r}")
-        compare.append((str(pair[0]), str(pair[1])))
-    return Suite(datasets, methods, compare)
-
-
-def _check_names(suite: Suite, where: str) -> None:
-    for what, names in (("method", [m.name for m in suite.methods]), ("dataset", [d.name for d in suite.datasets])):
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ConfigError(f"{where}: duplicate {what} names {duplicates}; give each a distinct `name`")
-    method_names = {m.name for m in suite.methods}
-    for pair in suite.compare:
-        missing = [n for n in pair if n not in method_names]
-        if missing:
-            raise ConfigError(f"{where}: compare names {missing} are not methods of the suite {sorted(method_names)}")
-
-
-def _make_predictor_factory(method: Method) -> Callable[..., Any]:
-    """`vlm_depth.infer.complete.make_predictor` for a model method, or a clear ConfigError when it cannot run."""
+def _require_checkpoint(method: Method) -> None:
     if not Path(method.model).exists():
         raise ConfigError(f"model checkpoint not found: {method.model} (method {method.name})")
-    try:
-        from vlm_depth.infer.complete import make_predictor
-    except ImportError as exc:
-        raise ConfigError(
-            f"evaluating a model ({method.model}) needs vlm_depth.infer.complete.make_predictor, which is not "
-            f"available in this build ({exc}); evaluate baselines with --baseline meanwhile"
-        ) from exc
-    return make_predictor
 
 
 def _model_predictor(method: Method) -> Predictor:
     """The checkpoint's `(rgb, sparse) -> depth` (the uncertainty the predictor also returns is not evaluated)."""
-    predict = _make_predictor_factory(method)(method.model, readout=method.readout)
+    from vlm_depth.infer.complete import make_predictor
+
+    _require_checkpoint(method)
+    predict = make_predictor(method.model, readout=method.readout)
 
     def depth_only(rgb: np.ndarray, sparse: np.ndarray) -> np.ndarray:
         depth, _uncertainty = predict(rgb, sparse)
@@ -236,7 +110,7 @@ def _model_predictor(method: Method) -> Predictor:
 
 
 def _check_suite(suite: Suite, crop_override: str) -> None:
-    """Fail before any work on a malformed protocol or dataset kind, or a model method this build cannot run."""
+    """Fail before any work on a malformed protocol or dataset kind, or a missing checkpoint."""
     from vlm_depth.data import parse_spec
     from vlm_depth.data.sparsify import parse_protocol
 
@@ -251,7 +125,7 @@ def _check_suite(suite: Suite, crop_override: str) -> None:
                 raise ConfigError(str(exc)) from exc
     for method in suite.methods:
         if method.model:
-            _make_predictor_factory(method)
+            _require_checkpoint(method)
 
 
 def _on_one_grid(sample) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, Any, str]:
@@ -422,7 +296,7 @@ def run_suite(suite: Suite, cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate every method of `suite` on every dataset x protocol and write the outputs under `cfg.out`; `cfg`
     also gives the seed, the image limit, depth-cap/crop overrides and the number of panels. Returns a summary
     (output paths, headline metrics per cell, skipped cells with reasons, per-metric gaps of `suite.compare`)."""
-    _check_names(suite, cfg.suite or "command line")
+    check_names(suite, cfg.suite or "command line")
     _check_suite(suite, cfg.crop)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

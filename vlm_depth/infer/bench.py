@@ -1,7 +1,7 @@
 """`vlm-depth bench decoder`: the pixel-query decoder against one `model.generate()` per pixel, on the same image
 and the same query pixels.
 
-Timed, on one synthetic RGB-D frame (`vlm_depth.data.synthetic`, height x width) and `num_queries` pixels with
+Timed, on one synthetic RGB-D frame (`vlm_depth.data.synthetic`, height x width) and `query_pixels` pixels with
 distinct query text (distinct grid cells in coords mode, so the decoder's de-duplication gains nothing):
 (a) naive: `decode_naive`, one grammar-constrained `generate()` per pixel on the full sequence (image, depth branch
     and prefix re-encoded every time), run once;
@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlm_depth.config import BenchConfig
 from vlm_depth.errors import ConfigError
-from vlm_depth.infer.complete import chat_layout, load_checkpoint, pixel_queries
 from vlm_depth.infer.decoder import QueryDecoder
 from vlm_depth.infer.naive import decode_naive
+from vlm_depth.infer.readouts import chat_layout, pixel_queries
+from vlm_depth.model.loading import load_model
 
 NEAR_TIE = 1e-5
 
@@ -55,27 +55,38 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
-def bench_decoder(cfg: BenchConfig) -> dict[str, Any]:
-    """Run the decoder benchmark (see the module docstring); returns the JSON summary."""
+def bench_decoder(
+    model_path: str,
+    *,
+    height: int = 448,
+    width: int = 448,
+    seed: int = 0,
+    query_pixels: int = 512,
+    max_queries_per_pass: int = 128,
+    packing: str = "batch",
+    repeats: int = 3,
+) -> dict[str, Any]:
+    """Run the decoder benchmark (see the module docstring) on the checkpoint `model_path` with `query_pixels`
+    pixels of one synthetic height x width frame; returns the JSON summary."""
     from vlm_depth.data.synthetic import generate_sample
 
-    if cfg.num_queries < 1 or cfg.repeats < 1:
-        raise ConfigError("bench decoder: num_queries and repeats must be >= 1")
-    model, processor = load_checkpoint(cfg.model)
+    if query_pixels < 1 or repeats < 1:
+        raise ConfigError("bench decoder: query_pixels and repeats must be >= 1")
+    model, processor = load_model(model_path)
     layout = chat_layout(model, processor.tokenizer)
-    sample = generate_sample(0, cfg.seed, cfg.height, cfg.width)
+    sample = generate_sample(0, seed, height, width)
     sparse = sample.depth_at_rgb_resolution()
-    rows, cols = distinct_query_pixels(processor, sparse.shape, cfg.num_queries, cfg.seed)
+    rows, cols = distinct_query_pixels(processor, sparse.shape, query_pixels, seed)
     queries = pixel_queries(layout, processor, sparse, rows, cols)
     inputs = processor(sample.rgb, sparse, text=layout.prefix_text())
-    decoder = QueryDecoder(model, layout, max_queries_per_pass=cfg.max_queries_per_pass, packing=cfg.packing)
+    decoder = QueryDecoder(model, layout, max_queries_per_pass=max_queries_per_pass, packing=packing)
 
     prefix = decoder.encode_prefix(inputs)
     fast = decoder.decode(prefix, queries)  # warm-up; its answers define the forward's tokens
     blocks = [(q.prompt + q.answer_prefix + tokens[:-1], q.pointer_xy) for q, tokens in zip(queries, fast.tokens)]
-    prefix_s = _best(lambda: decoder.encode_prefix(inputs), cfg.repeats)
-    decode_s = _best(lambda: decoder.decode(prefix, queries), cfg.repeats)
-    forward_s = _best(lambda: decoder.forward_blocks(prefix, blocks), cfg.repeats)
+    prefix_s = _best(lambda: decoder.encode_prefix(inputs), repeats)
+    decode_s = _best(lambda: decoder.decode(prefix, queries), repeats)
+    forward_s = _best(lambda: decoder.forward_blocks(prefix, blocks), repeats)
 
     start = time.perf_counter()
     naive = decode_naive(model, layout, inputs, queries, progress=True)
@@ -86,7 +97,7 @@ def bench_decoder(cfg: BenchConfig) -> dict[str, Any]:
     fast_s = prefix_s + decode_s
     n = len(queries)
     return {
-        "n_queries": n,
+        "query_pixels": n,
         "naive_pixels_per_s": n / naive_s,
         "fast_pixels_per_s": n / fast_s,
         "speedup": naive_s / fast_s,
@@ -99,8 +110,8 @@ def bench_decoder(cfg: BenchConfig) -> dict[str, Any]:
         "image": [int(sparse.shape[0]), int(sparse.shape[1])],
         "prefix_tokens": prefix.length,
         "query_mode": model.depth_cfg.query_mode,
-        "packing": cfg.packing,
-        "max_queries_per_pass": cfg.max_queries_per_pass,
+        "packing": packing,
+        "max_queries_per_pass": max_queries_per_pass,
         "device": str(decoder.device),
         "torch_threads": torch.get_num_threads(),
     }

@@ -100,7 +100,7 @@ class QueryDecoder:
         """Run the vision tower, the depth branch and the prefix tokens once; keep their keys and values.
 
         inputs: the `DepthProcessor` output for one image and `layout.prefix_text()` (input_ids (1, P),
-        pixel_values, image_grid_thw, mm_token_type_ids, and depth_values unless monocular).
+        pixel_values, image_grid_thw, mm_token_type_ids, and depth_maps unless monocular).
         """
         from transformers import DynamicCache
 
@@ -109,7 +109,7 @@ class QueryDecoder:
         if input_ids.shape[0] != 1:
             raise ModelError(f"encode_prefix takes one image prefix, got a batch of {input_ids.shape[0]}")
         grid = inputs["image_grid_thw"].to(device)
-        depth = inputs.get("depth_values")
+        depth = inputs.get("depth_maps")
         image_embeds = model.encode_images(
             inputs["pixel_values"].to(device), grid, None if depth is None else depth.to(device)
         )

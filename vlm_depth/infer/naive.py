@@ -28,8 +28,8 @@ def _naive_inputs(inputs: Any, query: QueryTokens, device: torch.device) -> dict
         "pixel_values": inputs["pixel_values"],
         "image_grid_thw": inputs["image_grid_thw"],
     }
-    if inputs.get("depth_values") is not None:
-        out["depth_values"] = inputs["depth_values"]
+    if inputs.get("depth_maps") is not None:
+        out["depth_maps"] = inputs["depth_maps"]
     if query.pointer_xy:
         out["pointer_xy"] = torch.tensor(query.pointer_xy, dtype=torch.float32)
     return {k: v.to(device) for k, v in out.items()}

@@ -1,5 +1,9 @@
 """Alignment of depth with Qwen2.5-VL's image path: the processor's resized grid, a depth resize that never invents
-values, and patchify/unpatchify in exactly the processor's patch order.
+values, the flat per-image map layout of `depth_maps`, and patchify/unpatchify in exactly the processor's patch order.
+
+Depth enters once: `DepthProcessor` resizes it onto the processor's grid and keeps it as a map (`depth_maps`: each
+image's (H', W') map flattened row-major, images concatenated); the model runs the depth branch on those maps and
+patchifies its output once, in the processor's order, for F_e2.
 
 Patch order (Qwen2-VL image processor): an image (C, H', W') is cut into p x p patches on a (H'/p, W'/p) grid; rows
 of the output run over 2x2 (merge_size) groups of patches in raster order of groups, and inside a group in raster
@@ -81,6 +85,16 @@ def resize_depth(depth: np.ndarray, size: tuple[int, int]) -> np.ndarray:
             out[take] = value[take]
             best[take] = dist[take]
     return out
+
+
+def split_maps(maps: torch.Tensor, grid_thw: torch.Tensor, patch_size: int) -> list[torch.Tensor]:
+    """Per-image (H', W') views of `maps`, the images' maps flattened row-major and concatenated (the layout of
+    `depth_maps`), on the grids `grid_thw` (n_images, 3) x `patch_size` pixels (1: one value per patch)."""
+    sizes = [(int(h) * patch_size, int(w) * patch_size) for _, h, w in grid_thw.tolist()]
+    counts = [h * w for h, w in sizes]
+    if maps.ndim != 1 or maps.shape[0] != sum(counts):
+        raise ValueError(f"maps {tuple(maps.shape)} do not fit grid_thw {grid_thw.tolist()} x {patch_size} px")
+    return [part.view(h, w) for part, (h, w) in zip(maps.split(counts), sizes)]
 
 
 def patchify(x: torch.Tensor, patch_size: int, merge_size: int, temporal_patch_size: int) -> torch.Tensor:

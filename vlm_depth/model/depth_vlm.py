@@ -1,8 +1,8 @@
 """DepthVLM: Qwen2.5-VL with VLM-DC's visual depth injection, `E = F_e1(I) + F_e2(O)`, and the pointer query mode.
 
-Per image, the processor's `pixel_values` and the aligned `depth_values` are unpatchified to the resized grid,
-DepthFusion turns them into O (B, 3, H', W'), O is patchified in the processor's order and F_e2 (a second patch
-embedding, `DepthPatchEmbed`) adds its embedding to the native patch tokens inside the vision tower. With a fresh
+Per image, the processor's `pixel_values` (unpatchified to the resized grid) and its depth map (`depth_maps`, on the
+same grid) go through DepthFusion to O (B, 3, H', W'); O is patchified in the processor's order and F_e2 (a second
+patch embedding, `DepthPatchEmbed`) adds its embedding to the native patch tokens inside the vision tower. With a fresh
 `soft` branch O is exactly 0, so the model is exactly the base model. `hard_concat` instead feeds the encoded depth
 to zero-initialised extra input channels of the patch embedding.
 
@@ -11,15 +11,12 @@ Conv3d beside the native one at `model.visual.patch_embed.depth_proj`; `is_branc
 `depth_branch.safetensors`, apart from the Qwen2.5-VL weights (or LoRA adapter), so the base weights of a full
 fine-tune remain an ordinary Qwen2.5-VL checkpoint.
 
-Checkpoint folder (`save_pretrained`): `config.json` + `model.safetensors` (full fine-tune) or `adapter_config.json` +
-`adapter_model.safetensors` + `base_model.json` (LoRA), then `depth_branch.safetensors` and `vlm_depth_config.json`.
+The checkpoint folder format (`save_pretrained` / `from_pretrained`) is `vlm_depth.model.checkpoint`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -29,27 +26,17 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
 from vlm_depth.errors import ConfigError, ModelError
-from vlm_depth.model.align import patchify, unpatchify
+from vlm_depth.model.align import patchify, split_maps, unpatchify
 from vlm_depth.model.branch_config import DepthBranchConfig
+from vlm_depth.model.checkpoint import BRANCH_FILE, load_depth_vlm, load_exact_state, save_depth_vlm
 from vlm_depth.model.encodings import depth_features, encoded_channels
 from vlm_depth.model.fusion import DepthFusion
 from vlm_depth.model.mdm_head import MDMHead, build_mdm_head, mdm_depth
 from vlm_depth.model.patch_embed import DepthPatchEmbed, wrap_patch_embed
-from vlm_depth.model.pointer import (
-    PointerEncoder,
-    infer_pointer_image_index,
-    init_pointer_embedding,
-    sample_pointer_features,
-)
+from vlm_depth.model.pointer import PointerEncoder, infer_pointer_image_index, sample_pointer_features
 
-logger = logging.getLogger(__name__)
-
-BRANCH_FILE = "depth_branch.safetensors"
-BASE_REF_FILE = "base_model.json"
 BRANCH_PREFIXES = ("depth_branch.", "model.visual.patch_embed.depth_proj.")
 WRAPPED_PATCH_EMBED = ".patch_embed.base_layer."
-# Weights bitsandbytes must leave in full precision: the vision tower (incl. patch embedding) and the output head.
-NF4_SKIP_MODULES = ["model.visual", "lm_head"]
 
 
 # Hugging Face looks up checkpoint key renames (original Qwen2.5-VL layout <-> transformers 5 modules) by class name;
@@ -76,22 +63,8 @@ class DepthBranch(nn.Module):
         self.mdm_head = build_mdm_head(cfg, vision_config) if cfg.mdm_head else None
 
 
-def load_exact_state(module: nn.Module, path: Path, expected: set[str], mismatch: str) -> None:
-    """Load the safetensors file `path` into `module` (non-strict); its tensor names must be exactly `expected`,
-    else ModelError naming the file, `mismatch` saying what it should have matched."""
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise ModelError(f"{path.parent}: no {path.name}")
-    state = load_file(str(path))
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise ModelError(f"{path}: {mismatch} (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    module.load_state_dict(state, strict=False)
-
-
 class DepthVLM(Qwen2_5_VLForConditionalGeneration):
-    """Qwen2.5-VL whose `forward`/`generate` also take `depth_values` (aligned to `pixel_values`, meters) and, in
+    """Qwen2.5-VL whose `forward`/`generate` also take `depth_maps` (on the grids of `pixel_values`, meters) and, in
     pointer mode, `pointer_xy`. Without them it computes exactly what Qwen2.5-VL computes."""
 
     def __init__(self, config, depth_cfg: DepthBranchConfig | None = None):
@@ -152,48 +125,50 @@ class DepthVLM(Qwen2_5_VLForConditionalGeneration):
 
     # ------------------------------------------------------------------ depth injection
     def depth_patches(
-        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, depth_values: torch.Tensor
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, depth_maps: torch.Tensor
     ) -> torch.Tensor:
         """Depth-branch patches (rows aligned with `pixel_values`) for F_e2: O (soft / he_init) or the encoded
-        depth (hard_concat), patchified in the processor's order.
+        depth (hard_concat), computed on the maps and patchified once, in the processor's order.
 
-        pixel_values: (N, 3 * T * 14 * 14) processor output; depth_values: (N, T * 14 * 14) meters, 0 = missing.
+        pixel_values: (N, 3 * T * 14 * 14) processor output; depth_maps: the processor's flat per-image maps in
+        meters, 0 = missing (`vlm_depth.model.align.split_maps`).
         """
         vision = self.config.vision_config
         shape = (vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size)
-        if depth_values.shape[0] != pixel_values.shape[0]:
-            raise ModelError(f"depth_values has {depth_values.shape[0]} rows but pixel_values {pixel_values.shape[0]}")
-        depths = unpatchify(depth_values.float(), image_grid_thw, 1, *shape)
+        try:
+            depths = split_maps(depth_maps.float(), image_grid_thw, vision.patch_size)
+        except ValueError as err:
+            raise ModelError(f"depth_maps do not fit the images of pixel_values: {err}") from err
         if self.depth_cfg.fusion == "hard_concat":
-            outputs = [depth_features(d[None], self.depth_cfg) for d in depths]
+            outputs = [depth_features(d[None, None], self.depth_cfg) for d in depths]
         else:
             rgbs = unpatchify(pixel_values, image_grid_thw, 3, *shape)
             outputs: list[torch.Tensor | None] = [None] * len(depths)
             by_size: dict[tuple[int, int], list[int]] = {}
             for i, depth in enumerate(depths):
-                by_size.setdefault(tuple(depth.shape[-2:]), []).append(i)
+                by_size.setdefault(tuple(depth.shape), []).append(i)
             for members in by_size.values():  # one batch per image size: one BatchNorm batch, one conv call
                 fused = self.depth_branch.fusion(
-                    torch.stack([rgbs[i] for i in members]), torch.stack([depths[i] for i in members])
+                    torch.stack([rgbs[i] for i in members]), torch.stack([depths[i][None] for i in members])
                 )
                 for i, o in zip(members, fused):
                     outputs[i] = o[None]
         return torch.cat([patchify(o, *shape) for o in outputs])
 
     def encode_images(
-        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, depth_values: torch.Tensor | None = None
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, depth_maps: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Vision tower + depth injection + merger: the (n_merged_tokens_total, hidden) features that fill the
-        `<|image_pad|>` placeholders, images in order. `depth_values=None`: no injection (the base model's
+        `<|image_pad|>` placeholders, images in order. `depth_maps=None`: no injection (the base model's
         features)."""
-        return self.vision_outputs(pixel_values, image_grid_thw, depth_values).pooler_output
+        return self.vision_outputs(pixel_values, image_grid_thw, depth_maps).pooler_output
 
     def vision_outputs(
-        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, depth_values: torch.Tensor | None = None
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, depth_maps: torch.Tensor | None = None
     ):
         """The vision tower's output with depth injection: `pooler_output` (merged tokens, as `encode_images`) and
         `last_hidden_state` (14-px patch tokens before the merger, in the tower's window order)."""
-        patches = None if depth_values is None else self.depth_patches(pixel_values, image_grid_thw, depth_values)
+        patches = None if depth_maps is None else self.depth_patches(pixel_values, image_grid_thw, depth_maps)
         visual = self.model.visual
         with self.depth_patch_embed.injecting(patches):
             return visual(pixel_values.type(visual.dtype), grid_thw=image_grid_thw)
@@ -202,13 +177,13 @@ class DepthVLM(Qwen2_5_VLForConditionalGeneration):
         self,
         pixel_values: torch.Tensor,
         image_grid_thw: torch.Tensor,
-        depth_values: torch.Tensor | None = None,
+        depth_maps: torch.Tensor | None = None,
         patch_mask: torch.Tensor | None = None,
         out_sizes: list[tuple[int, int]] | None = None,
     ) -> list[torch.Tensor]:
         """MDM readout: one dense (H, W) depth map in meters per image (see `vlm_depth.model.mdm_head.mdm_depth`;
-        `patch_mask` (N,) hides 14-px patches' depth, `out_sizes` defaults to the processor's grid)."""
-        return mdm_depth(self, pixel_values, image_grid_thw, depth_values, patch_mask, out_sizes)
+        `patch_mask` hides 14-px patches' depth, `out_sizes` defaults to the processor's grid)."""
+        return mdm_depth(self, pixel_values, image_grid_thw, depth_maps, patch_mask, out_sizes)
 
     # ------------------------------------------------------------------ pointer mode
     def pointer_embeddings(
@@ -286,17 +261,17 @@ class DepthVLM(Qwen2_5_VLForConditionalGeneration):
         inputs_embeds: torch.Tensor | None,
         pixel_values: torch.Tensor | None,
         image_grid_thw: torch.Tensor | None,
-        depth_values: torch.Tensor | None,
+        depth_maps: torch.Tensor | None,
         pointer_xy: torch.Tensor | None,
         pointer_image_index: torch.Tensor | None,
     ) -> torch.Tensor:
         if inputs_embeds is not None or input_ids is None:
-            raise ModelError("depth_values / pointer_xy need input_ids (not inputs_embeds; see embed_inputs)")
-        if depth_values is not None and pixel_values is None:
-            raise ModelError("depth_values given without pixel_values")
+            raise ModelError("depth_maps / pointer_xy need input_ids (not inputs_embeds; see embed_inputs)")
+        if depth_maps is not None and pixel_values is None:
+            raise ModelError("depth_maps given without pixel_values")
         image_embeds = None
         if pixel_values is not None:
-            image_embeds = self.encode_images(pixel_values, image_grid_thw, depth_values)
+            image_embeds = self.encode_images(pixel_values, image_grid_thw, depth_maps)
         return self.embed_inputs(input_ids, image_embeds, pointer_xy, image_grid_thw, pointer_image_index)
 
     def forward(
@@ -316,18 +291,18 @@ class DepthVLM(Qwen2_5_VLForConditionalGeneration):
         second_per_grid_ts: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, Any] | None = None,
-        depth_values: torch.Tensor | None = None,
+        depth_maps: torch.Tensor | None = None,
         pointer_xy: torch.Tensor | None = None,
         pointer_image_index: torch.Tensor | None = None,
         **kwargs: Any,
     ):
-        """Qwen2.5-VL's forward (generation inspects its signature, hence the full list), plus `depth_values`
-        (N, T*14*14) meters aligned to `pixel_values`, and in pointer mode `pointer_xy` (n, 2) / `pointer_image_index`
-        (n,). Precomputed `inputs_embeds` (from `embed_inputs`) go straight to the language model with the caller's
+        """Qwen2.5-VL's forward (generation inspects its signature, hence the full list), plus `depth_maps` (the
+        processor's per-image maps, meters), and in pointer mode `pointer_xy` (n, 2) / `pointer_image_index` (n,).
+        Precomputed `inputs_embeds` (from `embed_inputs`) go straight to the language model with the caller's
         `position_ids` (3, B, L), `attention_mask` (2-D, or 4-D additive (B, 1, Q, L)) and `past_key_values`."""
-        if depth_values is not None or pointer_xy is not None:
+        if depth_maps is not None or pointer_xy is not None:
             inputs_embeds = self._branch_inputs_embeds(
-                input_ids, inputs_embeds, pixel_values, image_grid_thw, depth_values, pointer_xy, pointer_image_index
+                input_ids, inputs_embeds, pixel_values, image_grid_thw, depth_maps, pointer_xy, pointer_image_index
             )
             pixel_values = None
         elif pixel_values is not None and self.pointer_token_id is not None and input_ids is not None:
@@ -358,14 +333,14 @@ class DepthVLM(Qwen2_5_VLForConditionalGeneration):
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.LongTensor | None = None,
-        depth_values: torch.Tensor | None = None,
+        depth_maps: torch.Tensor | None = None,
         pointer_xy: torch.Tensor | None = None,
         pointer_image_index: torch.Tensor | None = None,
         **kwargs: Any,
     ):
-        """`GenerationMixin.generate` with `depth_values` / `pointer_xy`: the image (with depth) and the pointers
+        """`GenerationMixin.generate` with `depth_maps` / `pointer_xy`: the image (with depth) and the pointers
         are embedded once for the prefill step; decoding steps use the KV cache as usual."""
-        if depth_values is None and pointer_xy is None:
+        if depth_maps is None and pointer_xy is None:
             return super().generate(
                 input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw, **kwargs
             )
@@ -374,7 +349,7 @@ class DepthVLM(Qwen2_5_VLForConditionalGeneration):
             kwargs.pop("inputs_embeds", None),
             pixel_values,
             image_grid_thw,
-            depth_values,
+            depth_maps,
             pointer_xy,
             pointer_image_index,
         )
@@ -396,30 +371,11 @@ class DepthVLM(Qwen2_5_VLForConditionalGeneration):
         }
 
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
-        """Write a vlm-depth checkpoint: base weights (full fine-tune) or the LoRA adapter + a `base_model.json`
-        reference, then `depth_branch.safetensors` and `vlm_depth_config.json`. Safetensors only."""
-        from safetensors.torch import save_file
-
-        if self.depth_branch is None:
-            raise ModelError(
-                "no depth branch to save; save a plain Qwen2.5-VL with Qwen2_5_VLForConditionalGeneration"
-            )
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
+        """Write a vlm-depth checkpoint (`vlm_depth.model.checkpoint.save_depth_vlm`): base weights (full fine-tune)
+        or the LoRA adapter + a `base_model.json` reference, then `depth_branch.safetensors` and
+        `vlm_depth_config.json`. Safetensors only."""
         kwargs.pop("safe_serialization", None)
-        if getattr(self, "_hf_peft_config_loaded", False):
-            super().save_pretrained(out, **kwargs)
-            reference = {
-                "base_model": _resolved_reference(self.name_or_path),
-                "pointer_token_id": self.pointer_token_id,
-            }
-            (out / BASE_REF_FILE).write_text(json.dumps(reference, indent=2))
-        else:
-            if getattr(self, "hf_quantizer", None) is not None:
-                raise ModelError(f"{out}: a quantized model is saved as a LoRA adapter only (apply_lora first)")
-            super().save_pretrained(out, state_dict=self.base_state_dict(), **kwargs)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.branch_state_dict().items()}, out / BRANCH_FILE)
-        self.depth_cfg.save(out)
+        save_depth_vlm(self, Path(save_directory), super().save_pretrained, **kwargs)
 
     def load_branch(self, folder: str | Path) -> None:
         """Load `depth_branch.safetensors` from `folder`; every branch tensor must be present, nothing else."""
@@ -447,95 +403,15 @@ class DepthVLM(Qwen2_5_VLForConditionalGeneration):
         quantization: None or `nf4` (bitsandbytes 4-bit language model; vision tower, lm_head and branch stay in
         full precision). base_model: overrides the base recorded by a LoRA checkpoint. adapter_trainable: load the
         LoRA weights as trainable. Other keyword arguments go to `Qwen2_5_VLForConditionalGeneration.from_pretrained`.
+        See `vlm_depth.model.checkpoint.load_depth_vlm`.
         """
-        path = str(pretrained_model_name_or_path)
-        folder = Path(path)
-        if folder.exists() and not folder.is_dir():
-            raise ModelError(f"{path}: not a checkpoint folder")
-        if not folder.exists() and (folder.is_absolute() or path.startswith(".") or len(folder.parts) > 2):
-            raise ModelError(f"{path}: no such checkpoint folder")  # clearly a local path, not a Hub id
-        saved_cfg = DepthBranchConfig.load(folder) if DepthBranchConfig.exists(folder) else None
-        if saved_cfg is not None and depth_cfg is not None and depth_cfg != saved_cfg:
-            raise ModelError(f"{path}: saved with a different depth branch config; do not pass depth_cfg")
-        cfg = saved_cfg or depth_cfg or DepthBranchConfig()
-        reference = json.loads((folder / BASE_REF_FILE).read_text()) if (folder / BASE_REF_FILE).is_file() else None
-        if saved_cfg is None and (folder / "adapter_config.json").is_file():
-            raise ModelError(f"{path}: a LoRA adapter without vlm_depth_config.json is not a vlm-depth checkpoint")
-        weights = (base_model or reference["base_model"]) if reference is not None else path
-        if quantization is not None:
-            kwargs.update(_nf4_kwargs(quantization, kwargs))
-        model = _load_qwen(super().from_pretrained, weights, path, *model_args, **kwargs)
-        if quantization is not None:
-            _disable_cpu_repacking(model)
-        if cfg.query_mode == "pointer" and reference is not None and reference.get("pointer_token_id") is not None:
-            init_pointer_embedding(model, reference["pointer_token_id"])
-        model.attach_depth_branch(cfg)
-        if reference is not None:
-            model.load_adapter(path, is_trainable=adapter_trainable)
-        if saved_cfg is not None:
-            model.load_branch(folder)
-        else:
-            logger.info("%s: plain Qwen2.5-VL checkpoint, fresh depth branch (fusion %s)", path, cfg.fusion)
-        return model
-
-
-def _resolved_reference(name_or_path: str) -> str:
-    """An absolute path for a local base checkpoint (so the adapter folder can move), the Hub id otherwise."""
-    local = Path(name_or_path)
-    return str(local.resolve()) if local.is_dir() else name_or_path
-
-
-def _nf4_kwargs(quantization: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """`from_pretrained` arguments for a bitsandbytes NF4 language model."""
-    if quantization != "nf4":
-        raise ConfigError(f"unknown quantization {quantization!r}; the supported value is 'nf4'")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as err:
-        raise ModelError(f"quantization 'nf4' needs bitsandbytes ({err})") from err
-    from transformers import BitsAndBytesConfig
-
-    cuda = torch.cuda.is_available()
-    dtype = kwargs.get("dtype") or (torch.bfloat16 if cuda else torch.float32)
-    config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=dtype,
-        llm_int8_skip_modules=NF4_SKIP_MODULES,
-    )
-    return {"quantization_config": config, "device_map": kwargs.get("device_map") or ({"": 0} if cuda else "cpu")}
-
-
-def _disable_cpu_repacking(model: nn.Module) -> None:
-    """bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks a 4-bit layer's weights, irreversibly, at its first no-grad
-    eval forward into an inference-only layout (bf16 kernel without autograd, whose in-place bias add then fails
-    under autograd): one evaluation would break later training and shift logits by ~5e-3. Keeping the ordinary
-    layout makes forward and backward work in any order, with the same numbers in train and eval."""
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-
-
-def cpu_repacked_4bit_layers(model: nn.Module) -> list[str]:
-    """Names of 4-bit layers whose weights bitsandbytes has repacked for CPU inference (they cannot be trained)."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if getattr(getattr(getattr(module, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
-    ]
-
-
-def _load_qwen(load: Any, weights: str, path: str, *model_args: Any, **kwargs: Any) -> DepthVLM:
-    """`load(weights)` (Hugging Face `from_pretrained` bound to DepthVLM); a one-line ModelError naming the folder
-    when it cannot be read."""
-    try:
-        model = load(weights, *model_args, **kwargs)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        where = path if weights == path else f"{path} (base model {weights})"
-        raise ModelError(f"{where}: cannot load a Qwen2.5-VL checkpoint: {first_line}") from err
-    if model.config.model_type != "qwen2_5_vl":
-        raise ModelError(f"{weights}: model type {model.config.model_type!r} is not qwen2_5_vl")
-    return model
+        return load_depth_vlm(
+            super().from_pretrained,
+            str(pretrained_model_name_or_path),
+            *model_args,
+            depth_cfg=depth_cfg,
+            quantization=quantization,
+            base_model=base_model,
+            adapter_trainable=adapter_trainable,
+            **kwargs,
+        )

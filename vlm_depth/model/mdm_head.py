@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm_depth.errors import ConfigError
+from vlm_depth.model.align import split_maps
 
 TOKENS = ("pre_merger", "post_merger")
 MIN_WIDTH = 32
@@ -220,28 +221,42 @@ def visual_token_grids(outputs, image_grid_thw: torch.Tensor, vision_config, tok
     raise ConfigError(f"mdm_tokens must be one of {TOKENS}, got {tokens!r}")
 
 
+def hide_patches(
+    depth_maps: torch.Tensor, patch_mask: torch.Tensor, image_grid_thw: torch.Tensor, patch_size: int
+) -> torch.Tensor:
+    """`depth_maps` (the processor's flat per-image maps, meters) with the depth of the 14-px patches flagged in
+    `patch_mask` (each image's (h, w) patch grid flattened row-major, concatenated; True = hidden) set to 0, i.e.
+    missing."""
+    maps = split_maps(depth_maps, image_grid_thw, patch_size)
+    masks = split_maps(patch_mask.to(depth_maps.device, torch.bool), image_grid_thw, 1)
+    hidden = [
+        d.view(m.shape[0], patch_size, m.shape[1], patch_size).masked_fill(m[:, None, :, None], 0).flatten()
+        for d, m in zip(maps, masks)
+    ]
+    return torch.cat(hidden)
+
+
 def mdm_depth(
     model,
     pixel_values: torch.Tensor,
     image_grid_thw: torch.Tensor,
-    depth_values: torch.Tensor | None = None,
+    depth_maps: torch.Tensor | None = None,
     patch_mask: torch.Tensor | None = None,
     out_sizes: Sequence[tuple[int, int]] | None = None,
 ) -> list[torch.Tensor]:
     """Dense depth from the MDM head of a DepthVLM `model`: one (H, W) float map in meters (> 0) per image.
 
-    `depth_values` (N, T*14*14) meters aligned with `pixel_values` (None: monocular); `patch_mask` (N,) bool, True =
-    that 14-px patch's depth is hidden: its rows are zeroed before the depth branch, exactly as missing depth.
+    `depth_maps` meters on the grids of `pixel_values` (None: monocular); `patch_mask` (one bool per 14-px patch,
+    see `hide_patches`), True = that patch's depth is hidden: zeroed before the depth branch, exactly as missing depth.
     `out_sizes`: (H, W) per image (default: the processor's resized grid, `image_grid_thw` x 14).
     """
     head = model.mdm_head
-    if patch_mask is not None:
-        if depth_values is None or patch_mask.shape != depth_values.shape[:1]:
-            got = None if depth_values is None else tuple(depth_values.shape)
-            raise ValueError(f"patch_mask {tuple(patch_mask.shape)} does not fit depth_values {got}")
-        depth_values = depth_values.masked_fill(patch_mask.to(depth_values.device)[:, None], 0)
     vision = model.config.vision_config
-    outputs = model.vision_outputs(pixel_values, image_grid_thw, depth_values)
+    if patch_mask is not None:
+        if depth_maps is None:
+            raise ValueError("patch_mask given without depth_maps")
+        depth_maps = hide_patches(depth_maps, patch_mask, image_grid_thw, vision.patch_size)
+    outputs = model.vision_outputs(pixel_values, image_grid_thw, depth_maps)
     grids = visual_token_grids(outputs, image_grid_thw, vision, model.depth_cfg.mdm_tokens)
     if out_sizes is None:
         out_sizes = [(h * vision.patch_size, w * vision.patch_size) for _, h, w in image_grid_thw.tolist()]

@@ -1,7 +1,7 @@
 """DepthProcessor: the real Qwen2.5-VL processor plus the depth path, so `(rgb, sparse depth)` becomes every model
 input in one call. The depth follows the image path exactly: resized (without inventing values) to the grid the
-image processor picks for the RGB, then patchified in the processor's patch order, so row i of `depth_values` lies
-on the same pixels as row i of `pixel_values`.
+image processor picks for the RGB, and kept as a map (`depth_maps`) that the model's depth branch reads; its output
+is patchified once, in the processor's patch order, so it lies on the same pixels as `pixel_values`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from transformers import BatchFeature
 
 from vlm_depth.depth import ASPECT_TOLERANCE, same_aspect
 from vlm_depth.errors import DataError, ModelError
-from vlm_depth.model.align import patchify, processor_grid, resize_depth
+from vlm_depth.model.align import processor_grid, resize_depth
 from vlm_depth.model.branch_config import DepthBranchConfig
 
 
@@ -50,7 +50,7 @@ def _check_depth(depth: np.ndarray | None, rgb_shape: tuple[int, int], index: in
 
 
 class DepthProcessor:
-    """A `Qwen2_5_VLProcessor` that also turns sparse depth into `depth_values` aligned with `pixel_values`."""
+    """A `Qwen2_5_VLProcessor` that also turns sparse depth into `depth_maps` on the grid of `pixel_values`."""
 
     def __init__(self, processor, template: str = DepthBranchConfig.template) -> None:
         image_processor = getattr(processor, "image_processor", None)
@@ -116,20 +116,10 @@ class DepthProcessor:
         messages = [{"role": "user", "content": content}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def _depth_values(self, depth: list[np.ndarray], grids: list[tuple[int, int]]) -> torch.Tensor:
-        """(total_patches, T * p * p) float32 meters (0 = missing): each depth resized to its image's grid and
-        patchified in the processor's order, images concatenated like `pixel_values`."""
-        ip = self.image_processor
-        rows = [
-            patchify(
-                torch.from_numpy(resize_depth(d, grid))[None, None],
-                ip.patch_size,
-                ip.merge_size,
-                ip.temporal_patch_size,
-            )
-            for d, grid in zip(depth, grids)
-        ]
-        return torch.cat(rows)
+    def _depth_maps(self, depth: list[np.ndarray], grids: list[tuple[int, int]]) -> torch.Tensor:
+        """`depth_maps`: each depth resized (without inventing values) to its image's grid, flattened row-major,
+        images concatenated like `pixel_values`; float32 meters, 0 = missing."""
+        return torch.cat([torch.from_numpy(resize_depth(d, grid)).flatten() for d, grid in zip(depth, grids)])
 
     def __call__(
         self,
@@ -142,7 +132,8 @@ class DepthProcessor:
         """Model inputs for RGB images (H, W, 3) uint8 and sparse depth (h, w) float32 meters, 0 = missing.
 
         Returns the processor's own keys (`input_ids`, `attention_mask`, `pixel_values`, `image_grid_thw`,
-        `mm_token_type_ids`) plus `depth_values` (rows aligned 1:1 with `pixel_values`). `depth` None (or all zero)
+        `mm_token_type_ids`) plus `depth_maps` (sum of H' x W' over the images,): each image's depth on the grid of
+        its `pixel_values`, flattened row-major (see `vlm_depth.model.align.split_maps`). `depth` None (or all zero)
         is monocular input. `text` None gives one `default_prompt()` per image; given text must hold one image
         placeholder per image. Extra keyword arguments go to the Qwen2.5-VL processor (padding defaults to True).
         """
@@ -164,5 +155,5 @@ class DepthProcessor:
             raise ModelError(
                 f"the image processor's grids {inputs['image_grid_thw'].tolist()} differ from smart_resize"
             )
-        inputs["depth_values"] = self._depth_values(depths, grids)
+        inputs["depth_maps"] = self._depth_maps(depths, grids)
         return inputs

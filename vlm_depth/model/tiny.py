@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vlm_depth.config import TinyConfig, save_config
 from vlm_depth.resources import REPO_ROOT
 
 SPECIAL_TOKENS = [
@@ -111,18 +110,18 @@ def build_tokenizer(vocab_size: int = 640):
     return tokenizer
 
 
-def tiny_config(tokenizer, cfg: TinyConfig):
+def tiny_config(tokenizer, hidden_size: int = 128, num_layers: int = 2, vision_depth: int = 2):
     """A small but structurally complete Qwen2_5_VLConfig (M-RoPE sections sum to head_dim / 2)."""
     from transformers import Qwen2_5_VLConfig
 
-    heads = cfg.hidden_size // 32
+    heads = hidden_size // 32
     vocab = (len(tokenizer) + 63) // 64 * 64
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text = dict(
         vocab_size=vocab,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=2 * cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
         num_attention_heads=heads,
         num_key_value_heads=max(1, heads // 2),
         max_position_embeddings=4096,
@@ -134,7 +133,7 @@ def tiny_config(tokenizer, cfg: TinyConfig):
         tie_word_embeddings=False,
     )
     vision = dict(
-        depth=cfg.vision_depth,
+        depth=vision_depth,
         hidden_size=64,
         intermediate_size=128,
         num_heads=2,
@@ -143,8 +142,8 @@ def tiny_config(tokenizer, cfg: TinyConfig):
         spatial_merge_size=2,
         temporal_patch_size=2,
         window_size=112,
-        out_hidden_size=cfg.hidden_size,
-        fullatt_block_indexes=[cfg.vision_depth - 1],
+        out_hidden_size=hidden_size,
+        fullatt_block_indexes=[vision_depth - 1],
         tokens_per_second=2,
     )
     return Qwen2_5_VLConfig(
@@ -173,15 +172,36 @@ def build_processor(tokenizer, min_pixels: int, max_pixels: int):
     )
 
 
-def build_tiny_checkpoint(cfg: TinyConfig) -> dict[str, Any]:
-    """Write the tiny checkpoint folder `cfg.out`; returns a summary (path, parameter count, vocabulary size)."""
+def build_tiny_checkpoint(
+    out: str | Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    vision_depth: int = 2,
+    max_pixels: int = 28 * 28 * 100,
+    min_pixels: int = 28 * 28 * 4,
+) -> dict[str, Any]:
+    """Write the tiny checkpoint folder `out` (random weights from `seed`; text width `hidden_size` with head_dim
+    32, `num_layers` text layers, `vision_depth` vision blocks, the processor's pixel budget); returns a summary
+    (path, parameter count, vocabulary size). The settings are recorded in `vlm_depth_tiny.yaml`."""
     import torch
+    import yaml
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
-    out = Path(cfg.out)
+    out = Path(out)
+    settings = dict(
+        out=str(out),
+        seed=seed,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        vision_depth=vision_depth,
+        max_pixels=max_pixels,
+        min_pixels=min_pixels,
+    )
     tokenizer = build_tokenizer()
-    config = tiny_config(tokenizer, cfg)
-    torch.manual_seed(cfg.seed)
+    config = tiny_config(tokenizer, hidden_size, num_layers, vision_depth)
+    torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     text = config.text_config
     model.generation_config = GenerationConfig(
@@ -191,8 +211,8 @@ def build_tiny_checkpoint(cfg: TinyConfig) -> dict[str, Any]:
         do_sample=False,
     )
     model.save_pretrained(out, safe_serialization=True)
-    build_processor(tokenizer, cfg.min_pixels, cfg.max_pixels).save_pretrained(out)
-    save_config(out, cfg, name="vlm_depth_tiny.yaml")
+    build_processor(tokenizer, min_pixels, max_pixels).save_pretrained(out)
+    (out / "vlm_depth_tiny.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     return {
         "out": str(out),
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -121,7 +121,7 @@ def select_queries(
     gt: np.ndarray | None,
     *,
     label_source: Literal["sparse", "gt"],
-    n_queries: int,
+    queries_per_image: int,
     keep_ratio: float,
     holdout_ratio: float,
     sampling: Literal["uniform", "depth_stratified", "distance"] = "uniform",
@@ -131,8 +131,8 @@ def select_queries(
 
     `depth` (H, W) meters is the sparse input. First `round(holdout_ratio * valid points)` of its points, drawn
     uniformly, are held out: removed from `shown_depth` (float32 meters, 0 = missing) and so from the depth branch
-    and from every keep prompt. Then `round(keep_ratio * n_queries)` keep queries are drawn from the shown points
-    (label = given = the shown value) and the rest are fill queries:
+    and from every keep prompt. Then `round(keep_ratio * queries_per_image)` keep queries are drawn from the shown
+    points (label = given = the shown value) and the rest are fill queries:
     - `label_source="sparse"` (label-free): fill queries at held-out points, labelled with their measured value.
       `gt` is never read (it may be None).
     - `label_source="gt"`: fill queries at pixels with valid `gt` (H, W) where `shown_depth` is missing, labelled
@@ -152,8 +152,8 @@ def select_queries(
     for name, ratio in (("keep_ratio", keep_ratio), ("holdout_ratio", holdout_ratio)):
         if not 0.0 <= ratio <= 1.0:
             raise ConfigError(f"{name} must be in [0, 1], got {ratio}")
-    if n_queries < 0:
-        raise ConfigError(f"n_queries must be >= 0, got {n_queries}")
+    if queries_per_image < 0:
+        raise ConfigError(f"queries_per_image must be >= 0, got {queries_per_image}")
 
     valid = valid_mask(depth)
     shown = np.where(valid, depth, 0).astype(np.float32)
@@ -174,7 +174,7 @@ def select_queries(
     keep_pool = np.flatnonzero(shown > 0)
     keep_labels = shown.flat[keep_pool]
 
-    n_keep = round(keep_ratio * n_queries)
+    n_keep = round(keep_ratio * queries_per_image)
     if sampling == "distance" and fill_pool.size and keep_pool.size:
         from scipy.ndimage import distance_transform_edt
 
@@ -184,7 +184,7 @@ def select_queries(
     else:
         fill_strata = None
     keep_strata = np.log(keep_labels) if sampling == "depth_stratified" else None
-    fill = _pick(fill_pool.size, n_queries - n_keep, fill_strata, rng)
+    fill = _pick(fill_pool.size, queries_per_image - n_keep, fill_strata, rng)
     keep = _pick(keep_pool.size, n_keep, keep_strata, rng)
 
     width = depth.shape[1]

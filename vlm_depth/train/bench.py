@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlm_depth.config import BenchConfig
 from vlm_depth.errors import ConfigError
 from vlm_depth.train.collator import Batch, ExampleBuilder, QuerySpec, collate_packed
 from vlm_depth.train.losses import answer_losses, supervised_positions
@@ -27,27 +26,28 @@ from vlm_depth.train.packed import packed_forward
 TOLERANCE = 1e-4
 
 
-def _examples(cfg: BenchConfig, builder: ExampleBuilder):
-    """Per image: (the packed example with all K queries, K = 1 examples of its first k1_queries queries)."""
+def _examples(
+    builder: ExampleBuilder, num_images: int, seed: int, height: int, width: int, queries_per_image: int, k1: int
+):
+    """Per image: (the packed example with all K queries, K = 1 examples of its first `k1` queries)."""
     from vlm_depth.data.synthetic import generate_sample
     from vlm_depth.prompts.textualize import select_queries
 
     out = []
-    for i in range(cfg.num_images):
-        sample = generate_sample(i, cfg.seed, cfg.height, cfg.width)
+    for i in range(num_images):
+        sample = generate_sample(i, seed, height, width)
         shown, queries = select_queries(
             sample.depth,
             None,
             label_source="sparse",
-            n_queries=cfg.train_k,
+            queries_per_image=queries_per_image,
             keep_ratio=0.2,
             holdout_ratio=0.3,
-            rng=np.random.default_rng([cfg.seed, i]),
+            rng=np.random.default_rng([seed, i]),
         )
-        if len(queries) < cfg.train_k:
-            raise ConfigError(f"bench image {i} has only {len(queries)} labelled pixels for K = {cfg.train_k}")
-        n1 = cfg.k1_queries or cfg.train_k
-        singles = [builder.pack(sample.rgb, shown, [q]) for q in queries[:n1]]
+        if len(queries) < queries_per_image:
+            raise ConfigError(f"bench image {i} has only {len(queries)} labelled pixels for K = {queries_per_image}")
+        singles = [builder.pack(sample.rgb, shown, [q]) for q in queries[:k1]]
         out.append((builder.pack(sample.rgb, shown, queries), singles))
     return out
 
@@ -67,7 +67,7 @@ def _plain_losses(model, batch: Batch, digit_ids: torch.Tensor) -> torch.Tensor:
         attention_mask=(batch["segment_ids"] >= 0).long(),
         pixel_values=batch["pixel_values"],
         image_grid_thw=batch["image_grid_thw"],
-        depth_values=batch["depth_values"],
+        depth_maps=batch["depth_maps"],
         mm_token_type_ids=batch["mm_token_type_ids"],
         logits_to_keep=predict_mask,
     ).logits
@@ -82,26 +82,37 @@ def _timed(fn, batches: list[Batch]) -> tuple[float, list[torch.Tensor]]:
     return time.perf_counter() - tic, results
 
 
-def bench_train(cfg: BenchConfig) -> dict[str, Any]:
-    """Measure K = 1 vs K = `train_k` training throughput on `cfg.model`; returns the JSON summary."""
+def bench_train(
+    model_path: str,
+    *,
+    height: int = 448,
+    width: int = 448,
+    seed: int = 0,
+    num_images: int = 2,
+    queries_per_image: int = 64,
+    k1_queries: int = 16,
+    k1_batch: int = 4,
+) -> dict[str, Any]:
+    """Measure K = 1 vs K = `queries_per_image` training throughput of the checkpoint `model_path` on `num_images`
+    synthetic height x width images (`k1_queries` per image timed at K = 1, 0 = all, `k1_batch` sequences per
+    micro-batch); returns the JSON summary."""
+    from vlm_depth.model.finetune import set_trainable
+    from vlm_depth.model.loading import load_model, set_max_pixels
     from vlm_depth.prompts.chat import ChatLayout
-    from vlm_depth.train.config import TrainConfig
-    from vlm_depth.train.loop import load_model, set_max_pixels
 
-    if not cfg.model:
-        raise ConfigError("bench train: --model CKPT is required")
-    if cfg.k1_queries > cfg.train_k or cfg.k1_batch < 1 or cfg.train_k < 1:
-        raise ConfigError("bench train: need 1 <= k1_queries <= train_k and k1_batch >= 1")
-    model, processor = load_model(TrainConfig(model=cfg.model, finetune="lora", seed=cfg.seed))
+    if k1_queries > queries_per_image or k1_batch < 1 or queries_per_image < 1:
+        raise ConfigError("bench train: need 1 <= k1_queries <= queries_per_image and k1_batch >= 1")
+    model, processor = load_model(model_path, device="cpu", adapter_trainable=True)
+    set_trainable(model, "lora")
     model.eval()
-    set_max_pixels(processor, max(processor.image_processor.size["longest_edge"], cfg.height * cfg.width))
+    set_max_pixels(processor, max(processor.image_processor.size["longest_edge"], height * width))
     layout = ChatLayout.from_branch_config(processor.tokenizer, model.depth_cfg)
     builder = ExampleBuilder(processor, layout, QuerySpec())
     digit_ids = torch.tensor(layout.digit_ids)
     pad = processor.tokenizer.pad_token_id
-    data = _examples(cfg, builder)
+    data = _examples(builder, num_images, seed, height, width, queries_per_image, k1_queries or queries_per_image)
     packed = [collate_packed([full], pad) for full, _ in data]
-    singles = [collate_packed(s[i : i + cfg.k1_batch], pad) for _, s in data for i in range(0, len(s), cfg.k1_batch)]
+    singles = [collate_packed(s[i : i + k1_batch], pad) for _, s in data for i in range(0, len(s), k1_batch)]
 
     def k1(batch: Batch) -> torch.Tensor:
         return _plain_losses(model, batch, digit_ids)
@@ -123,15 +134,15 @@ def bench_train(cfg: BenchConfig) -> dict[str, Any]:
     rate1, ratek = n1 / t1, nk / tk
     return {
         "k1_pixels_per_s": round(rate1, 3),
-        f"k{cfg.train_k}_pixels_per_s": round(ratek, 3),
+        f"k{queries_per_image}_pixels_per_s": round(ratek, 3),
         "ratio": round(ratek / rate1, 2),
         "loss_equal": max_diff <= TOLERANCE,
         "max_loss_diff": max_diff,
-        "image_size": [cfg.height, cfg.width],
-        "num_images": cfg.num_images,
+        "image_size": [height, width],
+        "num_images": num_images,
         "prefix_tokens": prefix,
-        "block_tokens_mean": round(float((packed[0]["segment_ids"] > 0).sum()) / cfg.train_k, 1),
+        "block_tokens_mean": round(float((packed[0]["segment_ids"] > 0).sum()) / queries_per_image, 1),
         "k1_queries_timed": n1,
-        "seconds": {"k1": round(t1, 2), f"k{cfg.train_k}": round(tk, 2)},
+        "seconds": {"k1": round(t1, 2), f"k{queries_per_image}": round(tk, 2)},
         "torch_threads": torch.get_num_threads(),
     }

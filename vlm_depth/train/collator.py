@@ -9,9 +9,10 @@ Row tensors (per token): `input_ids`; `segment_ids` (`PREFIX` = 0, block k >= 1,
 `vlm_depth.model.packing`); `labels` (-100 except answer tokens: answer prefix words, number, suffix, end of turn;
 unshifted, Hugging Face convention: token t + 1 is predicted at position t); `places` (place value of each number
 digit, 0 elsewhere) and `query_ids` (index of the token's query in the batch, -1 outside blocks). Per query:
-`targets` (label in meters as written, i.e. rounded to the template's decimals) and `is_fill`. With an MDM spec,
-image rows (aligned with `pixel_values`) `mdm_labels` and `mdm_patch_mask` (`vlm_depth.train.mdm.mdm_fields`: the
-same split, the same depth map and the same rng as the queries).
+`targets` (label in meters as written, i.e. rounded to the template's decimals) and `is_fill`. Per image: the
+processor's `pixel_values`, `image_grid_thw` and `depth_maps`, and with an MDM spec `mdm_labels` and
+`mdm_patch_mask` in the layout of `depth_maps` (`vlm_depth.train.mdm.mdm_fields`: the same split, the same depth
+map and the same rng as the queries).
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from vlm_depth.prompts.chat import ChatLayout
 from vlm_depth.prompts.digits import digit_places
 from vlm_depth.prompts.numbers import format_meters
 from vlm_depth.prompts.textualize import Query, select_queries
-from vlm_depth.train.losses import IGNORE_INDEX
 from vlm_depth.train.mdm import MDMSpec, mdm_fields
 
 Batch = dict[str, torch.Tensor]
+IGNORE_INDEX = -100  # label of tokens without a loss (Hugging Face convention)
 
 
 @dataclass
@@ -42,7 +43,7 @@ class QuerySpec:
     """How the queries of one image are chosen (see `select_queries`) and how its sparse input is made."""
 
     label_source: Literal["sparse", "gt"] = "sparse"
-    num_queries: int = 16
+    queries_per_image: int = 16
     keep_ratio: float = 0.2
     holdout_ratio: float = 0.1
     sampling: Literal["uniform", "depth_stratified", "distance"] = "uniform"
@@ -72,7 +73,7 @@ class ExampleBuilder:
             depth,
             gt,
             label_source=spec.label_source,
-            n_queries=spec.num_queries,
+            queries_per_image=spec.queries_per_image,
             keep_ratio=spec.keep_ratio,
             holdout_ratio=spec.holdout_ratio,
             sampling=spec.sampling,
@@ -121,11 +122,16 @@ class ExampleBuilder:
             "mm_token_type_ids": (input_ids == self.image_token_id).int(),
             "pixel_values": enc["pixel_values"],
             "image_grid_thw": enc["image_grid_thw"],
-            "depth_values": enc["depth_values"],
+            "depth_maps": enc["depth_maps"],
             "pointer_xy": torch.tensor(pointer_xy, dtype=torch.float32).reshape(-1, 2),
             "targets": torch.tensor(targets, dtype=torch.float32),
             "is_fill": torch.tensor([q.kind == "fill" for q in queries], dtype=torch.bool),
         }
+
+
+def num_queries(batch: Batch) -> int:
+    """The number of query blocks (labelled pixels) in a packed example or batch."""
+    return len(batch["targets"])
 
 
 def collate_packed(examples: Sequence[Batch], pad_token_id: int) -> Batch:
@@ -141,8 +147,8 @@ def collate_packed(examples: Sequence[Batch], pad_token_id: int) -> Batch:
     offset = 0
     for row, example in zip(batch["query_ids"], examples):
         row[row >= 0] += offset
-        offset += len(example["targets"])
-    for key in ("pixel_values", "image_grid_thw", "depth_values", "pointer_xy", "targets", "is_fill"):
+        offset += num_queries(example)
+    for key in ("pixel_values", "image_grid_thw", "depth_maps", "pointer_xy", "targets", "is_fill"):
         batch[key] = torch.cat([e[key] for e in examples])
     for key in ("mdm_labels", "mdm_patch_mask"):
         if key in examples[0]:

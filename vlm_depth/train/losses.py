@@ -5,7 +5,7 @@ predict an answer token (the position before it, since token t predicts token t 
 `packed_forward(..., logits_to_keep=predict_mask)`. Functions return per-token or per-query values or sums; the
 training loop divides the sums by counts taken over the *global* batch (all processes, all accumulation
 micro-batches), so the loss is the mean over every answer token / every query of the optimiser step, whatever the
-split across processes (see `vlm_depth.train.loop`).
+split across processes (see `vlm_depth.train.step`).
 
 Numeric expectation ("Regress, don't guess"): numbers are written one token per character with a fixed number of
 decimals, so the teacher-forced distribution over the ten digit tokens at a digit position gives E[digit], and the
@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from vlm_depth.prompts.digits import digit_moments
-
-IGNORE_INDEX = -100
+from vlm_depth.train.collator import IGNORE_INDEX, Batch, num_queries
 
 
 def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,16 +95,16 @@ class AnswerLosses:
         return per_query_mean(self.token_ce, self.token_query, len(self.targets))
 
 
-def answer_losses(logits: torch.Tensor, batch: dict[str, torch.Tensor], digit_ids: torch.Tensor) -> AnswerLosses:
+def answer_losses(logits: torch.Tensor, batch: Batch, digit_ids: torch.Tensor) -> AnswerLosses:
     """Losses from `logits` (N, V) at the supervised positions of `batch` (`labels`, `places`, `query_ids`,
     `targets`, see `vlm_depth.train.collator`), i.e. `packed_forward(model, batch, supervised_positions(...)[0])`."""
     predict_mask, targets = supervised_positions(batch["labels"])
     token_query = shift_to_predictions(batch["query_ids"], predict_mask)
     places = shift_to_predictions(batch["places"], predict_mask)
-    num_queries = len(batch["targets"])
+    count = num_queries(batch)
     return AnswerLosses(
         token_ce=token_cross_entropy(logits, targets),
         token_query=token_query,
-        expected=expected_numbers(logits, digit_ids, places, token_query, num_queries),
+        expected=expected_numbers(logits, digit_ids, places, token_query, count),
         targets=batch["targets"].float(),
     )

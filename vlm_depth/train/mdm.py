@@ -1,20 +1,20 @@
 """MDM training: LingBot-Depth's masking of the depth patches, the MDM labels, and the MDM losses.
 
 Masking. Patch decisions come from the shared mask module (`vlm_depth.model.patch_mask`: `valid_mask` ->
-`patch_states` -> `mdm_patch_mask`), on the depth the depth branch would see (`depth_values`, the sparse input after
-the textualizer's hold-out, resized to the processor's grid). They are decided on the 14-px grid of the vision tower,
-not the 28-px merged grid, because depth enters per 14-px patch: a row of `depth_values` is one patch, F_e2 embeds
-it on its own and the pre-merger token is that patch, so "masked" means exactly "this patch's depth token carries no
-depth" (LingBot-Depth masks per patch-14 ViT token). A masked patch's depth rows are zeroed before the branch, i.e.
-it becomes missing depth, the state the branch already knows. "Mask all" is monocular mode. The masking is for the
+`patch_states` -> `mdm_patch_mask`), on the depth the depth branch would see (`depth_maps`, the sparse input after
+the textualizer's hold-out, on the processor's grid). They are decided on the 14-px grid of the vision tower, not the
+28-px merged grid, because depth enters per 14-px patch: F_e2 embeds each patch on its own and the pre-merger token
+is that patch, so "masked" means exactly "this patch's depth token carries no depth" (LingBot-Depth masks per
+patch-14 ViT token). A masked patch's depth is zeroed before the branch (`mdm_head.hide_patches`), i.e. it becomes
+missing depth, the state the branch already knows. "Mask all" is monocular mode. The masking is for the
 MDM head only: in joint training the text loss sees the textualizer's shown depth unmasked (the paper's input), so
 the vision tower runs twice per image, once per input.
 
 Labels (`mdm_labels`): label-free (`label_source: sparse`) = the held-out input points, the same split the
 textualizer makes (so the MDM and the query readouts learn from the same labels); `gt` = every pixel with valid
 ground truth. Labels are resized to the processor's grid with the valid-aware resize that never invents values
-(`align.resize_depth`) and stored as rows aligned with `pixel_values` (N, 14 * 14), like `depth_values`, so a batch
-concatenates them like the other image rows.
+(`align.resize_depth`) and stored in the layout of `depth_maps` (flat per-image maps), so a batch concatenates them
+like the other image fields; `mdm_patch_mask` holds one bool per 14-px patch in the same per-image flat layout.
 
 Losses, on the head's output at the processor's grid, over labelled pixels:
 - `l1` (default, LingBot-Depth): |pred - label| in meters.
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from vlm_depth.depth import valid_mask
 from vlm_depth.errors import ConfigError, DataError
-from vlm_depth.model.align import patchify, processor_grid, resize_depth, unpatchify
+from vlm_depth.model.align import processor_grid, resize_depth, split_maps
 from vlm_depth.model.patch_mask import mdm_patch_mask, patch_states
 
 MDM_MODES = ("off", "head_only", "joint")
@@ -105,35 +105,28 @@ def mdm_labels(
     raise ConfigError(f"label_source must be 'sparse' or 'gt', got {label_source!r}")
 
 
-def label_rows(labels: np.ndarray, image_processor) -> torch.Tensor:
-    """Labels (H, W) meters -> (N, p * p) rows aligned with the image's `pixel_values` rows (processor's grid and
-    patch order, one temporal copy)."""
+def label_maps(labels: np.ndarray, image_processor) -> torch.Tensor:
+    """Labels (H, W) meters -> the image's flat map on the processor's grid (the layout of `depth_maps`)."""
     grid = processor_grid(*labels.shape, image_processor)
-    resized = torch.from_numpy(resize_depth(labels, grid))[None, None]
-    return patchify(resized, image_processor.patch_size, image_processor.merge_size, 1)
+    return torch.from_numpy(resize_depth(labels, grid)).flatten()
 
 
-def _rows_to_maps(rows: torch.Tensor, image_grid_thw: torch.Tensor, patch: int, merge: int) -> list[torch.Tensor]:
-    """(N, patch * patch) rows of one channel -> one (H', W') map per image."""
-    return [m[0] for m in unpatchify(rows, image_grid_thw, 1, patch, merge, 1)]
-
-
-def patch_mask_rows(
-    depth_values: torch.Tensor,
+def draw_patch_mask(
+    depth_maps: torch.Tensor,
     image_grid_thw: torch.Tensor,
     rng: np.random.Generator,
     image_processor,
     spec: MDMSpec = MDMSpec(),
 ) -> torch.Tensor:
-    """LingBot-Depth patch mask (N,) bool (True = the patch's depth is hidden) for `depth_values` (N, T * p * p)
-    meters: per image, `patch_states` of its validity on the p-px grid, then `mdm_patch_mask` with `rng`."""
-    p, m, t = image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size
-    rows = []
-    for depth in unpatchify(depth_values, image_grid_thw, 1, p, m, t):
-        states = patch_states(valid_mask(depth[0]), p)
-        masked = mdm_patch_mask(states, rng, spec.mixed_keep_prob, spec.ratio_range, spec.mask_all)
-        rows.append(patchify(masked[None, None].float(), 1, m, 1)[:, 0] > 0)
-    return torch.cat(rows)
+    """LingBot-Depth patch mask, one bool per 14-px patch (True = the patch's depth is hidden; each image's patch
+    grid flattened row-major, concatenated), for `depth_maps` (meters): per image, `patch_states` of its validity,
+    then `mdm_patch_mask` with `rng`."""
+    p = image_processor.patch_size
+    masks = []
+    for depth in split_maps(depth_maps, image_grid_thw, p):
+        states = patch_states(valid_mask(depth), p)
+        masks.append(mdm_patch_mask(states, rng, spec.mixed_keep_prob, spec.ratio_range, spec.mask_all).flatten())
+    return torch.cat(masks)
 
 
 def mdm_fields(
@@ -146,15 +139,15 @@ def mdm_fields(
     image_processor,
     spec: MDMSpec = MDMSpec(),
 ) -> dict[str, torch.Tensor]:
-    """The MDM keys of one training example: `mdm_labels` (N, p * p) and `mdm_patch_mask` (N,) bool, rows aligned
-    with `inputs["pixel_values"]` (the processor's output for the image with depth `shown`, the textualizer's
-    `shown_depth` of the sparse input `depth`); labels per `label_source` (see `mdm_labels`)."""
-    labels = label_rows(mdm_labels(depth, shown, gt, label_source), image_processor)
-    if labels.shape[0] != inputs["depth_values"].shape[0]:
+    """The MDM keys of one training example: `mdm_labels` (the layout of `depth_maps`) and `mdm_patch_mask`, for the
+    processor's output `inputs` of the image with depth `shown` (the textualizer's `shown_depth` of the sparse input
+    `depth`); labels per `label_source` (see `mdm_labels`)."""
+    labels = label_maps(mdm_labels(depth, shown, gt, label_source), image_processor)
+    if labels.shape != inputs["depth_maps"].shape:
         raise DataError(
             f"MDM labels of shape {depth.shape} do not fit the image's patch grid; give them at the RGB's size"
         )
-    mask = patch_mask_rows(inputs["depth_values"], inputs["image_grid_thw"], rng, image_processor, spec)
+    mask = draw_patch_mask(inputs["depth_maps"], inputs["image_grid_thw"], rng, image_processor, spec)
     return {"mdm_labels": labels, "mdm_patch_mask": mask}
 
 
@@ -193,7 +186,7 @@ def mdm_loss(
     kind: Literal["l1", "balanced_si"] = "l1",
 ) -> dict[str, torch.Tensor]:
     """MDM loss and metrics of a batch. `preds`: the head's (H', W') maps in meters, one per image (processor's
-    grid); `label_values` (N, p * p) and `patch_mask` (N,) rows as made by `mdm_fields`.
+    grid); `label_values` and `patch_mask` as made by `mdm_fields`.
 
     Returns sums and weights (fp32 scalars): `loss_sum` / `loss_weight` (see the module docstring), and the L1 in
     meters over labelled pixels in masked patches (`l1_masked_sum`, `n_masked`) and in visible ones (`l1_visible_sum`,
@@ -201,9 +194,9 @@ def mdm_loss(
     """
     if kind not in MDM_LOSSES:
         raise ConfigError(f"mdm_loss must be one of {MDM_LOSSES}, got {kind!r}")
-    p, m = image_processor.patch_size, image_processor.merge_size
-    labels = _rows_to_maps(label_values, image_grid_thw, p, m)
-    masks = _rows_to_maps(patch_mask[:, None].expand(-1, p * p).float(), image_grid_thw, p, m)
+    p = image_processor.patch_size
+    labels = split_maps(label_values, image_grid_thw, p)
+    masks = [m.repeat_interleave(p, 0).repeat_interleave(p, 1) for m in split_maps(patch_mask, image_grid_thw, 1)]
     zero = preds[0].new_zeros((), dtype=torch.float32)
     out = {k: zero.clone() for k in ("loss_sum", "loss_weight", "l1_masked_sum", "n_masked", "l1_visible_sum")}
     out["n_visible"] = zero.clone()
@@ -211,7 +204,7 @@ def mdm_loss(
         if pred.shape != label.shape:
             raise ValueError(f"MDM prediction {tuple(pred.shape)} is not on the label grid {tuple(label.shape)}")
         pred, label = pred.float(), label.to(pred.device)
-        labelled, masked = valid_mask(label), mask.to(pred.device) > 0
+        labelled, masked = valid_mask(label), mask.to(pred.device)
         err = (pred - label).abs()
         for name, region in (("masked", labelled & masked), ("visible", labelled & ~masked)):
             out[f"l1_{name}_sum"] = out[f"l1_{name}_sum"] + err[region].detach().sum()
@@ -230,9 +223,9 @@ def mdm_loss(
 
 def mdm_predictions(model, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """The MDM head's (H', W') depth maps (meters, processor's grid) for a batch with `pixel_values`,
-    `image_grid_thw`, `depth_values` and `mdm_patch_mask` (the batch's masked patches are hidden from the branch)."""
+    `image_grid_thw`, `depth_maps` and `mdm_patch_mask` (the batch's masked patches are hidden from the branch)."""
     return model.mdm_depth(
-        batch["pixel_values"], batch["image_grid_thw"], batch["depth_values"], patch_mask=batch["mdm_patch_mask"]
+        batch["pixel_values"], batch["image_grid_thw"], batch["depth_maps"], patch_mask=batch["mdm_patch_mask"]
     )
 
 
@@ -262,8 +255,7 @@ def mdm_loss_weight(batch: dict[str, torch.Tensor], image_processor, kind: str =
     labelled = valid_mask(batch["mdm_labels"])
     if kind == "l1":
         return int(labelled.sum())
-    counts = [int(h * w) for _, h, w in batch["image_grid_thw"].tolist()]
-    return sum(int(rows.any()) for rows in labelled.split(counts))
+    return sum(int(m.any()) for m in split_maps(labelled, batch["image_grid_thw"], image_processor.patch_size))
 
 
 @torch.no_grad()

@@ -70,14 +70,14 @@ def packed_forward(model, batch: Mapping[str, torch.Tensor], logits_to_keep: int
     """Logits of packed rows for a `DepthVLM` (LoRA-injected or not).
 
     batch: `input_ids`, `segment_ids`, `mm_token_type_ids` (B, L); `pixel_values`, `image_grid_thw`, optional
-    `depth_values` (meters, aligned with `pixel_values`); in pointer mode `pointer_xy` (n, 2) and
+    `depth_maps` (meters, on the grids of `pixel_values`); in pointer mode `pointer_xy` (n, 2) and
     `pointer_image_index` (n,) (see `vlm_depth.train.collator`).
     logits_to_keep: 0 -> (B, L, V) logits of every token (padding rows are 0); a boolean (B, L) mask selecting
     block tokens only -> (N, V) logits of those tokens in row-major order (what training needs: no vocabulary
     projection of unsupervised positions).
     """
     input_ids, segment_ids, grid = batch["input_ids"], batch["segment_ids"], batch["image_grid_thw"]
-    image_embeds = model.encode_images(batch["pixel_values"], grid, batch.get("depth_values"))
+    image_embeds = model.encode_images(batch["pixel_values"], grid, batch.get("depth_maps"))
     pointer_xy = batch.get("pointer_xy")
     has_pointers = pointer_xy is not None and len(pointer_xy) > 0
     embeds = model.embed_inputs(

@@ -1,5 +1,5 @@
-"""LoRA on a DepthVLM (peft, through transformers' `add_adapter`, so the model stays a DepthVLM with all its
-methods) and the parameter groups a trainer gives separate learning rates.
+"""Which weights of a DepthVLM train: LoRA (peft, through transformers' `add_adapter`, so the model stays a DepthVLM
+with all its methods), full fine-tuning, and the parameter groups a trainer gives separate learning rates.
 
 PEFT freezes everything but the adapters; the depth branch (fusion, F_e2, pointer projection, heads) is switched back
 to trainable right after injection. LoRA cannot target the Conv3d patch embedding; F_e2 is trained in full instead.
@@ -13,8 +13,9 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from vlm_depth.errors import ModelError
-from vlm_depth.model.depth_vlm import DepthVLM, cpu_repacked_4bit_layers, is_branch_key
+from vlm_depth.errors import ConfigError, ModelError
+from vlm_depth.model.checkpoint import cpu_repacked_4bit_layers
+from vlm_depth.model.depth_vlm import DepthVLM, is_branch_key
 
 LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Linear layers of a Qwen2.5-VL vision block (attention and gated MLP).
@@ -69,6 +70,31 @@ def apply_lora(
         if is_branch_key(name):
             param.requires_grad_(True)
     return model
+
+
+def set_trainable(
+    model: DepthVLM,
+    finetune: str,
+    *,
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.05,
+    lora_targets: Sequence[str] = LLM_TARGETS,
+    train_vision: bool = False,
+) -> None:
+    """Switch on the weights that `finetune` trains, in place. `lora` / `qlora`: LoRA adapters on `lora_targets`
+    (unless the checkpoint already holds an adapter, which then continues); `full`: every language-model weight.
+    `train_vision` adds the vision tower and merger (adapters or full weights). The depth branch always trains."""
+    has_adapter = getattr(model, "_hf_peft_config_loaded", False)
+    if finetune == "full":
+        if has_adapter:
+            raise ConfigError("the checkpoint holds a LoRA adapter; continue it with finetune lora, or merge it first")
+        model.requires_grad_(True)
+        if not train_vision:
+            for name, param in model.model.visual.named_parameters(prefix="model.visual"):
+                param.requires_grad_(name.startswith("model.visual.patch_embed.depth_proj"))
+    elif not has_adapter:
+        apply_lora(model, lora_r, lora_alpha, lora_dropout, lora_targets, vision=train_vision)
 
 
 def trainable_parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:

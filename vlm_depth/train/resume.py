@@ -1,4 +1,4 @@
-"""Resumable training checkpoints (atomic) and the final DepthVLM checkpoint.
+"""Resuming training: resumable checkpoints (atomic) of the training state, and the final DepthVLM checkpoint.
 
 A resumable checkpoint is `OUT/checkpoints/step-NNNNNNN/`, written by `accelerator.save_state` into a temporary
 folder that is renamed only once every process has finished writing, so a crash never leaves a half-written
@@ -71,7 +71,7 @@ def training_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_training_weights(model: torch.nn.Module, folder: str | Path) -> None:
     """Load `training_weights.safetensors` into `model`; every trainable tensor must be there (and nothing else)."""
-    from vlm_depth.model.depth_vlm import load_exact_state
+    from vlm_depth.model.checkpoint import load_exact_state
 
     load_exact_state(
         model,
@@ -118,7 +118,7 @@ def save_checkpoint(accelerator, out: str | Path, step: int, keep: int) -> Path:
     return final
 
 
-def load_checkpoint(accelerator, folder: Path) -> int:
+def restore_checkpoint(accelerator, folder: Path) -> int:
     """Restore weights, optimiser, scheduler and RNG states from `folder`; returns the step to continue after."""
     state: dict[str, Any] = json.loads((folder / STATE_FILE).read_text())
     rng_file = folder / f"random_states_{accelerator.process_index}.pkl"

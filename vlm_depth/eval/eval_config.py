@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vlm_depth.config import _help
+from vlm_depth.config import option
 
 
 @dataclass
@@ -15,36 +15,36 @@ class EvalConfig:
     Suite:       vlm-depth eval --suite eval/zero_shot.yaml --out runs/eval/zero_shot
     """
 
-    dataset: str = _help(
+    dataset: str = option(
         "Dataset as KIND:PATH (e.g. `nyuv2:data/nyu_depth_v2_labeled.mat`, `folder:scans`).", default=""
     )
-    split: str = _help("Dataset split (empty = the reader's default split).", default="")
-    options: str = _help(
+    split: str = option("Dataset split (empty = the reader's default split).", default="")
+    options: str = option(
         "Reader options as a YAML mapping, e.g. `{depth_scale: 256}` for a folder of KITTI-encoded PNGs.", default=""
     )
-    protocol: str = _help(
+    protocol: str = option(
         "Sparsity protocol(s), comma-separated (e.g. `uniform:500`, `lidar:64`, `sensor`, `blocks:hard`).",
         default="sensor",
     )
-    model: str = _help("vlm-depth checkpoint folder to evaluate (mutually exclusive with --baseline).", default="")
-    readout: str = _help("Model readout: `query` (pixel-query decoder) or `mdm` (MDM head).", default="query")
-    baseline: str = _help(
+    model: str = option("vlm-depth checkpoint folder to evaluate (mutually exclusive with --baseline).", default="")
+    readout: str = option("Model readout: `query` (pixel-query decoder) or `mdm` (MDM head).", default="query")
+    baseline: str = option(
         "Classical baseline(s), comma-separated: nearest, linear, ipbasic, median, or `all`.", default=""
     )
-    suite: str = _help(
+    suite: str = option(
         "Suite YAML (datasets x protocols x methods), e.g. `eval/zero_shot.yaml` or a name in top-level `eval/`; "
         "replaces --dataset/--protocol/--model/--baseline.",
         default="",
     )
-    out: str = _help("Output folder: report.md, results.csv, plots, and one folder per cell.", default="runs/eval")
-    seed: int = _help("Seed of the sparsity protocols (image i uses a seed derived from (seed, i)).", default=0)
-    max_images: int = _help("Evaluate only the first N images of each dataset (0 = all).", default=0)
-    max_depth: float = _help(
+    out: str = option("Output folder: report.md, results.csv, plots, and one folder per cell.", default="runs/eval")
+    seed: int = option("Seed of the sparsity protocols (image i uses a seed derived from (seed, i)).", default=0)
+    max_images: int = option("Evaluate only the first N images of each dataset (0 = all).", default=0)
+    max_depth: float = option(
         "Depth cap in meters for the evaluated GT pixels (0 = the dataset's own cap, or none).", default=0.0
     )
-    crop: str = _help(
+    crop: str = option(
         "Evaluation crop: `dataset` (the dataset's standard crop if it has one, e.g. NYU Eigen), `none`, or "
         "`top:bottom,left:right` in RGB pixels.",
         default="dataset",
     )
-    panels: int = _help("compare.png panels (RGB | input | prediction | error) per cell.", default=2)
+    panels: int = option("compare.png panels (RGB | input | prediction | error) per cell.", default=2)

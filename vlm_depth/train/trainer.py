@@ -1,0 +1,126 @@
+"""`vlm-depth train`: accelerate-driven SFT on sparse labels, read top to bottom as setup -> fit -> validate -> save.
+
+Runs as one process or under `accelerate launch` (DDP; CPU/gloo or GPUs). The pieces: `vlm_depth.train.setup`
+(the run: model, data, optimiser, resume), `vlm_depth.train.step` (one optimiser step and its loss normalisation over
+the global batch), `vlm_depth.train.validate` (held-out greedy answers), `vlm_depth.train.resume` (checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlm_depth.train.collator import collate_packed
+from vlm_depth.train.resume import save_checkpoint, save_final
+from vlm_depth.train.setup import Run, setup
+from vlm_depth.train.step import to_device, train_step
+from vlm_depth.train.stream import StepBatchSampler
+from vlm_depth.train.train_config import TrainConfig
+from vlm_depth.train.validate import record_validation
+
+logger = logging.getLogger(__name__)
+
+
+def make_loader(run: Run) -> torch.utils.data.DataLoader:
+    """This process's micro-batches for steps `run.start_step` .. `run.max_steps` (a pure function of seed and
+    step, see `vlm_depth.train.stream`)."""
+    cfg, acc = run.cfg, run.accelerator
+    sampler = StepBatchSampler(
+        cfg.batch_size, cfg.grad_accum, run.start_step, run.max_steps, acc.process_index, acc.num_processes
+    )
+    return torch.utils.data.DataLoader(
+        run.stream,
+        batch_sampler=sampler,
+        collate_fn=partial(collate_packed, pad_token_id=run.processor.tokenizer.pad_token_id),
+        num_workers=cfg.num_workers,
+        # Own generator: creating the loader must not draw from the global RNG (dropout) that a resume restores.
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+
+
+def fit(run: Run) -> None:
+    """Optimiser steps from `run.start_step` to `run.last_step`, with logging, periodic checkpoints and
+    validation."""
+    from tqdm.auto import tqdm
+
+    cfg, acc = run.cfg, run.accelerator
+    last = run.last_step
+    log_path = Path(cfg.out) / "log.jsonl"
+    if acc.is_main_process:
+        _truncate_log(log_path, run.start_step)
+    bar = tqdm(total=last, initial=run.start_step, disable=not acc.is_main_process, desc="train", unit="step")
+    loader = iter(make_loader(run))
+    run.packed.train()
+    try:
+        for step in range(run.start_step + 1, last + 1):
+            tic = time.perf_counter()
+            micro = [to_device(next(loader), acc.device) for _ in range(cfg.grad_accum)]
+            row = train_step(run, micro, step)
+            row["queries_per_s"] = row["queries"] / (time.perf_counter() - tic)
+            run.history.append(row)
+            acc.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
+            if acc.is_main_process:
+                with log_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", mae=f"{row['mae']:.3f}", qps=f"{row['queries_per_s']:.1f}")
+                if step % cfg.log_every == 0:
+                    logger.info("step %d: loss %.4f ce %.4f mae %.3f m", step, row["loss"], row["ce"], row["mae"])
+            if (cfg.save_every and step % cfg.save_every == 0) or step == last:
+                save_checkpoint(acc, cfg.out, step, cfg.keep_checkpoints)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != run.max_steps:
+                record_validation(run, step)
+    finally:
+        bar.close()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows after `step` (left by a run that went on past its last checkpoint)."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(r + "\n" for r in rows))
+
+
+def run_train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train per `cfg`; returns a JSON-able summary (steps, first/last losses, validation, output folders)."""
+    tic = time.perf_counter()
+    run = setup(cfg)
+    try:
+        fit(run)
+        finished = run.last_step == run.max_steps
+        val = record_validation(run, run.last_step) if finished else None
+        final = None
+        if finished and run.accelerator.is_main_process:
+            final = save_final(run.model, run.processor, cfg.out)
+        run.accelerator.wait_for_everyone()
+    finally:
+        run.accelerator.end_training()
+    window = min(20, max(len(run.history) // 2, 1))
+    head, tail = run.history[:window], run.history[-window:]
+    return {
+        "out": cfg.out,
+        "final": str(final) if final else None,
+        "steps": [run.start_step, run.last_step],
+        "max_steps": run.max_steps,
+        "loss_first": _mean(head, "loss"),
+        "loss_last": _mean(tail, "loss"),
+        "mae_first": _mean(head, "mae"),
+        "mae_last": _mean(tail, "mae"),
+        "mdm_loss_first": _mean(head, "mdm_loss"),
+        "mdm_loss_last": _mean(tail, "mdm_loss"),
+        "validation": val,
+        "seconds": round(time.perf_counter() - tic, 1),
+    }
+
+
+def _mean(rows: list[dict[str, float]], key: str) -> float | None:
+    """Mean of `key` over `rows`; None without rows or when the rows do not log it (e.g. MDM terms with mdm off)."""
+    return float(np.mean([r[key] for r in rows])) if rows and key in rows[0] else None
