@@ -20,6 +20,7 @@ class Command:
     config: str  # "module:Class"
     runner: str  # "module:function", called with the parsed config(s), returns a JSON-able summary
     help: str
+    kind: str = ""  # the shipped folder (vlm_depth.resources) in which `--config NAME` is looked up
 
 
 COMMANDS: dict[str, Command] = {
@@ -43,11 +44,13 @@ COMMANDS: dict[str, Command] = {
         "vlm_depth.train.config:TrainConfig",
         "vlm_depth.train.loop:run_train",
         "fine-tune on sparse labels (single process, or under `accelerate launch`)",
+        kind="train",
     ),
     "complete": Command(
         "vlm_depth.infer.config:CompleteConfig",
         "vlm_depth.infer.complete:run_complete",
         "complete the depth of one RGB + depth pair or a folder",
+        kind="infer",
     ),
     "eval": Command(
         "vlm_depth.eval.config:EvalConfig",
@@ -69,16 +72,30 @@ def _resolve(spec: str) -> Any:
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: vlm-depth COMMAND [--config FILE.yaml] [--key value ...]", "", "commands:"]
+    lines = ["usage: vlm-depth COMMAND [--config FILE.yaml] [--key value ...] | vlm-depth --version", "", "commands:"]
     lines += [f"  {name:<{width}}  {cmd.help}" for name, cmd in COMMANDS.items()]
     lines += ["", "`vlm-depth COMMAND --help` lists a command's options."]
     return "\n".join(lines)
+
+
+def _shipped_config(argv: list[str], kind: str) -> list[str]:
+    """`--config NAME` also names a shipped recipe or preset (`tiny-synthetic`, `fast`); a file path wins."""
+    from vlm_depth.config import _split_config_arg
+    from vlm_depth.resources import resource_path
+
+    path, rest = _split_config_arg(argv)
+    return argv if path is None or not kind else ["--config", str(resource_path(kind, path)), *rest]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from vlm_depth import __version__
+
+        print(f"vlm-depth {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
@@ -97,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vlm_depth.config import parse_config
 
     try:
-        result = runner(parse_config(config_class, rest, prog=f"vlm-depth {name}"))
+        result = runner(parse_config(config_class, _shipped_config(rest, cmd.kind), prog=f"vlm-depth {name}"))
     except VlmDepthError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

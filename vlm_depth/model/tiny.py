@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_depth.config import TinyConfig, save_config
-from vlm_depth.resources import REPO_ROOT
+from vlm_depth.resources import resource_files
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -71,7 +71,7 @@ def _prompt_corpus() -> Iterator[str]:
             for value in node:
                 yield from strings(value)
 
-    for path in sorted((REPO_ROOT / "prompts").glob("*.yaml")):
+    for path in resource_files("prompts"):
         yield from strings(yaml.safe_load(path.read_text()))
 
 
