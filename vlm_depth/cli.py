@@ -121,7 +121,7 @@ def _resolve(spec: str) -> Any:
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: vlm-depth COMMAND [--config FILE.yaml] [--key value ...]", "", "commands:"]
+    lines = ["usage: vlm-depth COMMAND [--config FILE.yaml] [--key value ...] | vlm-depth --version", "", "commands:"]
     lines += [f"  {name:<{width}}  {cmd.help}" for name, cmd in COMMANDS.items()]
     lines += ["", "`vlm-depth COMMAND --help` lists a command's options."]
     return "\n".join(lines)
@@ -131,6 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from vlm_depth import __version__
+
+        print(f"vlm-depth {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import yaml
 
 from vlm_depth.errors import ConfigError
-from vlm_depth.resources import load_yaml
+from vlm_depth.resources import load_yaml, resource_path
 
 T = TypeVar("T")
 
@@ -56,7 +56,8 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, prog: str | No
     """Parse `[--config FILE.yaml] [--key value ...]` into an instance of the dataclass `cls`.
 
     Unknown keys in the file or on the command line are errors, never silently ignored; a key that `cls.renamed`
-    lists ({old name: new name}) is named with its new name.
+    lists ({old name: new name}) is named with its new name. With `cls.shipped` (a kind of `vlm_depth.resources`),
+    `--config NAME` also finds a shipped recipe or preset by name; a file path wins.
     """
     from transformers import HfArgumentParser
 
@@ -65,6 +66,8 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, prog: str | No
     parser.add_argument("--config", default=None, help="YAML file with key: value pairs; CLI flags override it.")
     config_path, rest = _split_config_arg(argv)
     if config_path is not None:
+        shipped = getattr(cls, "shipped", "")
+        config_path = resource_path(shipped, config_path) if shipped else config_path
         values = load_yaml(config_path)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)

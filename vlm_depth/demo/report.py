@@ -11,7 +11,7 @@ from typing import Any
 
 from vlm_depth.demo.demo_config import PROTOCOL, DemoConfig, model_name, readouts
 from vlm_depth.eval import report
-from vlm_depth.resources import REPO_ROOT, resource_path
+from vlm_depth.resources import resource_dir, resource_path
 
 
 def verdict(results: Sequence[Mapping[str, Any]], models: Sequence[str]) -> list[str]:
@@ -83,9 +83,9 @@ def plot_training_curve(log_path: Path, path: Path) -> Path | None:
 
 
 def _recipe_name(recipe: str) -> str:
-    """The recipe as a user would pass it: relative to the repository when it is one of top-level `train/`."""
+    """The recipe as a user would pass it: `train/NAME.yaml` when it is a shipped recipe, else its path."""
     path = resource_path("train", recipe).resolve()
-    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+    return f"train/{path.name}" if path.parent == resource_dir("train").resolve() else str(path)
 
 
 def minutes(seconds: float) -> str:

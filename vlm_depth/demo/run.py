@@ -38,7 +38,7 @@ from vlm_depth.demo.demo_config import PROTOCOL, DemoConfig, model_name, readout
 from vlm_depth.demo.report import minutes, plot_training_curve, verdict, write_report
 from vlm_depth.errors import ConfigError, ModelError
 from vlm_depth.eval import report
-from vlm_depth.resources import load_yaml, resource_path
+from vlm_depth.resources import load_yaml
 
 if TYPE_CHECKING:
     from vlm_depth.train.train_config import TrainConfig
@@ -113,7 +113,7 @@ def train_config(cfg: DemoConfig, out: Path) -> TrainConfig:
         # to the 10 km clamp within a few steps, where its gradient vanishes; 32 channels train stably and faster.
         mdm = {"mdm_mode": "joint", "mdm_width": 32, "mdm_levels": 2}
     return dataclasses.replace(
-        load_config(TrainConfig, resource_path("train", cfg.recipe)),
+        load_config(TrainConfig, cfg.recipe),
         model=str(out / "tiny"),
         dataset=f"folder:{out / 'data' / 'train'}",
         num_images=0,

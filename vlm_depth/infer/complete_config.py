@@ -18,6 +18,7 @@ class CompleteConfig(ReadoutSettings):
     vlm-depth complete --config infer/default.yaml --model CKPT --dataset folder:scans --out runs/complete
     """
 
+    shipped: ClassVar[str] = "infer"  # `--config NAME` finds a preset of the top-level infer/ folder
     renamed: ClassVar[dict[str, str]] = {"num_queries": "query_budget"}
 
     model: str = option("Checkpoint folder (a vlm-depth checkpoint, or a plain Qwen2.5-VL: fresh branch).", default="")

@@ -121,7 +121,7 @@ def _nf4_kwargs(quantization: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as err:
-        raise ModelError(f"quantization 'nf4' needs bitsandbytes ({err})") from err
+        raise ModelError(f'QLoRA (nf4) needs bitsandbytes: pip install "vlm-depth[qlora]" ({err})') from err
     from transformers import BitsAndBytesConfig
 
     cuda = torch.cuda.is_available()

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vlm_depth.resources import REPO_ROOT
+from vlm_depth.resources import resource_files
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -70,7 +70,7 @@ def _prompt_corpus() -> Iterator[str]:
             for value in node:
                 yield from strings(value)
 
-    for path in sorted((REPO_ROOT / "prompts").glob("*.yaml")):
+    for path in resource_files("prompts"):
         yield from strings(yaml.safe_load(path.read_text()))
 
 

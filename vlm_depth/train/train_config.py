@@ -19,6 +19,7 @@ from vlm_depth.model.branch_config import DepthBranchConfig
 class TrainConfig(DepthBranchConfig):
     """Text-supervised fine-tuning on sparse labels: K pixel queries packed per image, CE + optional numeric L1."""
 
+    shipped: ClassVar[str] = "train"  # `--config NAME` finds a recipe of the top-level train/ folder
     renamed: ClassVar[dict[str, str]] = {"num_queries": "queries_per_image", "val_queries": "val_queries_per_image"}
 
     # --- model ---
