@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from vlm_depth.data import READERS, RGBDSample, load, parse_spec
+from vlm_depth.data.dataset import split_specs
 from vlm_depth.data.depth_io import read_depth, read_intrinsics, read_rgb, write_depth_npy, write_depth_png, write_rgb
 from vlm_depth.data.folder import write_folder_sample
 from vlm_depth.errors import ConfigError, DataError
@@ -71,6 +72,27 @@ def test_depth_scale_option_reads_other_png_encodings(tmp_path):
     (kitti,) = list(load(f"folder:{tmp_path}", depth_scale=256))
     assert np.abs(kitti.depth - original.depth).max() <= 0.5 / 256 + 1e-6
     np.testing.assert_allclose(mm.depth, kitti.depth * 256 / 1000, rtol=1e-6)
+
+
+def test_reader_options_travel_in_the_spec_with_their_types(tmp_path):
+    original = _sample()
+    write_folder_sample(tmp_path / "f", original, depth_scale=256.0)
+    (from_spec,) = list(load(f"folder:{tmp_path / 'f'}?depth_scale=256"))
+    (from_kwargs,) = list(load(f"folder:{tmp_path / 'f'}", depth_scale=256))
+    np.testing.assert_array_equal(from_spec.depth, from_kwargs.depth)
+    (wins,) = list(load(f"folder:{tmp_path / 'f'}?depth_scale=1000", depth_scale=256))  # keyword arguments win
+    np.testing.assert_array_equal(wins.depth, from_kwargs.depth)
+    spec = f"pairs:{tmp_path / 'f'}?rgb=*_rgb.png&depth=*_depth.png&depth_scale=256&intrinsics=50,51,31.5,23.5"
+    (pair,) = list(load(spec))
+    assert pair.intrinsics == (50.0, 51.0, 31.5, 23.5)
+    np.testing.assert_array_equal(pair.depth, from_spec.depth)
+    assert split_specs(f"{spec},folder:{tmp_path / 'f'}") == [spec, f"folder:{tmp_path / 'f'}"]
+    with pytest.raises(ConfigError, match="expected float"):
+        load(f"folder:{tmp_path / 'f'}?depth_scale=mm")
+    with pytest.raises(ConfigError, match=r"unknown reader options \['depth_sclae'\]"):
+        load(f"folder:{tmp_path / 'f'}?depth_sclae=256")
+    with pytest.raises(ConfigError, match=r"\?key=value"):
+        load(f"folder:{tmp_path / 'f'}?depth_scale")
 
 
 def test_depth_that_is_the_ground_truth_is_written_once_and_read_back_as_such(tmp_path):

@@ -1,17 +1,26 @@
-"""Reader registry, the lazy `RGBDDataset` base class and `load("kind:PATH")`.
+"""Reader registry, the lazy `RGBDDataset` base class and `load("kind:PATH?key=value&...")`.
 
 A reader is a small `RGBDDataset` subclass registered under a name: its `__init__` lists the frames of one split
 (cheap: paths only) and `read(item)` turns one listed item into an `RGBDSample`, converting the dataset's encoding
 to float32 meters. Nothing is read until a sample is indexed.
+
+Reader options travel in the spec itself, the same way in every command (train `--dataset`, eval `--dataset` and
+suites, complete `--dataset`): `folder:scans?depth_scale=256`, `pairs:DIR?rgb=color/*.jpg&depth=depth/*.png`,
+`synthetic:64?seed=1&height=96&width=128`. Values are converted to the types of the reader's keyword arguments.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import re
+import types
+import typing
+from collections import abc
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
+from urllib.parse import parse_qsl
 
 from vlm_depth.data.sample import RGBDSample
 from vlm_depth.errors import ConfigError, DataError
@@ -109,25 +118,77 @@ def _import_readers() -> None:
         importlib.import_module(module)
 
 
-def parse_spec(spec: str) -> tuple[str, str]:
-    """`"kind:PATH"` -> (kind, PATH); a ConfigError listing the known kinds otherwise."""
-    kind, sep, path = spec.partition(":")
+def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
+    """`"kind:PATH?key=value&..."` -> (kind, PATH, {key: value}); a ConfigError listing the known kinds otherwise."""
+    kind, sep, rest = spec.partition(":")
     _import_readers()
+    path, _, query = rest.partition("?")
     if not sep or not path or kind not in READERS:
-        raise ConfigError(f"dataset spec must be KIND:PATH with KIND in {sorted(READERS)}, got {spec!r}")
-    return kind, path
+        raise ConfigError(
+            f"dataset spec must be KIND:PATH[?key=value&...] with KIND in {sorted(READERS)}, got {spec!r}"
+        )
+    try:
+        options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
+    except ValueError as exc:
+        raise ConfigError(f"{spec!r}: reader options must be ?key=value&key=value ({exc})") from exc
+    return kind, path, options
+
+
+def split_specs(specs: str) -> list[str]:
+    """Comma-separated dataset specs -> the specs (a comma inside a spec's options, e.g. intrinsics, stays)."""
+    _import_readers()
+    kinds = "|".join(map(re.escape, sorted(READERS, key=len, reverse=True)))
+    return [part.strip() for part in re.split(rf",(?=\s*(?:{kinds}):)", specs) if part.strip()]
+
+
+def _convert(value: str, hint: Any, what: str) -> Any:
+    """A reader option given as text -> the type of its annotation (bool, int, float, str or paths, number tuples;
+    for a union, the first type the text fits)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value.lower() in ("none", "null"):
+            return None
+        for candidate in (a for a in typing.get_args(hint) if a is not type(None)):
+            try:
+                return _convert(value, candidate, what)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{what}: cannot read {value!r} as {hint}")
+    if hint is bool:
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"{what}: expected true or false, got {value!r}")
+        return value.lower() in ("true", "1", "yes")
+    if hint in (int, float):
+        try:
+            return hint(value)
+        except ValueError:
+            raise ConfigError(f"{what}: expected {hint.__name__}, got {value!r}") from None
+    if origin in (abc.Sequence, tuple, list):
+        if "," not in value:
+            raise ConfigError(f"{what}: expected comma-separated values, got {value!r}")
+        item = (typing.get_args(hint) or (str,))[0]
+        return tuple(_convert(v.strip(), item, what) for v in value.split(","))
+    return value
 
 
 def load(spec: str, split: str | None = None, **kwargs: Any) -> RGBDDataset:
-    """Open the dataset `spec` = `"kind:PATH"` (e.g. `"nyuv2:/data/nyu_depth_v2_labeled.mat"`, `"folder:my_scans"`).
+    """Open the dataset `spec` = `"kind:PATH?key=value&..."` (e.g. `"nyuv2:/data/nyu_depth_v2_labeled.mat"`,
+    `"folder:my_scans?depth_scale=256"`).
 
-    split: the reader's split name (None = its default); kwargs go to the reader (e.g. `depth_scale` for `folder`).
-    Returns a lazy, indexable dataset of `RGBDSample` (depth in float32 meters).
+    split: the reader's split name (None = its default); options of the spec and `kwargs` go to the reader (the
+    keyword arguments win). Returns a lazy, indexable dataset of `RGBDSample` (depth in float32 meters).
     """
-    kind, path = parse_spec(spec)
+    kind, path, text_options = parse_spec(spec)
     reader = READERS[kind]
+    hints = typing.get_type_hints(reader.__init__)
+    known = [name for name in inspect.signature(reader).parameters if name not in ("root", "split")]
+    unknown = sorted(set(text_options) - set(known))
+    if unknown:
+        raise ConfigError(f"{kind}: unknown reader options {unknown} in {spec!r}; {kind} accepts {known}")
+    options = {k: _convert(v, hints.get(k, str), f"{kind} option {k!r}") for k, v in text_options.items()}
+    options.update(kwargs)
     try:
-        inspect.signature(reader).bind(path, split=split, **kwargs)
+        inspect.signature(reader).bind(path, split=split, **options)
     except TypeError as exc:
-        raise ConfigError(f"{kind}: bad reader options {sorted(kwargs)} ({exc})") from exc
-    return reader(path, split=split, **kwargs)
+        raise ConfigError(f"{kind}: bad reader options {sorted(options)} ({exc})") from exc
+    return reader(path, split=split, **options)

@@ -22,7 +22,6 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
 
 import numpy as np
 
@@ -152,38 +151,29 @@ def missing_rates(counts: Iterable[dict[str, tuple[int, int]]]) -> dict[str, flo
 class SyntheticDataset(RGBDDataset):
     """`synthetic:N` or `synthetic:N?seed=S&height=H&width=W&scene=room|street|mixed`: N frames generated on access.
 
-    Keyword arguments of `load` override the query string. Nothing is read from or written to disk.
+    Nothing is read from or written to disk.
     """
 
     def __init__(
         self,
         root: str | Path,
         split: str | None = None,
-        seed: int | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        scene: str | None = None,
+        seed: int = 0,
+        height: int = 240,
+        width: int = 320,
+        scene: str = "mixed",
     ) -> None:
-        count, _, query = str(root).partition("?")
-        options: dict[str, Any] = dict(parse_qsl(query, strict_parsing=bool(query)))
-        unknown = sorted(set(options) - {"seed", "height", "width", "scene"})
-        if unknown or not count.isdigit():
+        count = str(root)
+        if not count.isdigit():
             raise ConfigError(f"synthetic: expected 'synthetic:N?seed=S&height=H&width=W&scene=KIND', got {root!r}")
-        given = {"seed": seed, "height": height, "width": width, "scene": scene}
-        options.update({k: v for k, v in given.items() if v is not None})
         split = self.splits[0] if split is None else split
         if split not in self.splits:
             raise ConfigError(f"synthetic: unknown split {split!r}; choose one of {self.splits}")
-        try:
-            self.seed, self.height = int(options.get("seed", 0)), int(options.get("height", 240))
-            self.width = int(options.get("width", 320))
-        except ValueError as exc:
-            raise ConfigError(f"synthetic: bad option in {root!r} ({exc})") from exc
-        self.scene = str(options.get("scene", "mixed"))
-        if self.scene not in SCENE_KINDS:
-            raise ConfigError(f"synthetic: unknown scene {self.scene!r}; choose one of {SCENE_KINDS}")
-        _check_size(self.height, self.width)
-        self.root, self.split = Path(str(root)), split
+        if scene not in SCENE_KINDS:
+            raise ConfigError(f"synthetic: unknown scene {scene!r}; choose one of {SCENE_KINDS}")
+        _check_size(height, width)
+        self.seed, self.height, self.width, self.scene = seed, height, width, scene
+        self.root, self.split = Path(count), split
         self.items = list(range(int(count)))
 
     def read(self, item: int) -> RGBDSample:

@@ -3,6 +3,7 @@ dataset through `vlm_depth.infer.complete.complete`, and write each frame's file
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from vlm_depth.config import pick, save_config
+from vlm_depth.data.dataset import READERS, parse_spec
 from vlm_depth.data.sample import RGBDSample
 from vlm_depth.errors import ConfigError, DataError
 from vlm_depth.infer.complete import complete
@@ -31,10 +33,20 @@ def _samples(cfg: CompleteConfig) -> tuple[int, Iterator[RGBDSample]]:
     if cfg.rgb:
         pair = read_pair(cfg.rgb, cfg.depth or None, depth_scale=cfg.depth_scale, intrinsics=cfg.intrinsics)
         return 1, iter([pair])
-    options = {"depth_scale": cfg.depth_scale} if cfg.dataset.partition(":")[0] == "folder" else {}
-    dataset = load(cfg.dataset, **options)
+    dataset = load(cfg.dataset, **_scale_option(cfg))
     indices = range(len(dataset))[: cfg.limit or None]
     return len(indices), (dataset[i] for i in indices)
+
+
+def _scale_option(cfg: CompleteConfig) -> dict[str, float]:
+    """`--depth_scale` for a dataset whose reader takes one and whose spec does not set it (`?depth_scale=` wins);
+    a ConfigError when it was changed for a reader that reads its own encoding."""
+    kind, _, given = parse_spec(cfg.dataset)
+    if "depth_scale" in inspect.signature(READERS[kind]).parameters:
+        return {} if "depth_scale" in given else {"depth_scale": cfg.depth_scale}
+    if cfg.depth_scale != CompleteConfig.depth_scale:
+        raise ConfigError(f"--depth_scale: the {kind} reader converts its own depth encoding; drop the option")
+    return {}
 
 
 def run_complete(cfg: CompleteConfig) -> dict[str, Any]:

@@ -169,11 +169,13 @@ def make_optimizer(cfg: TrainConfig, model: DepthVLM, max_steps: int):
 
 
 def open_images(spec: str, split: str, limit: int, seed: int):
-    """Images of the comma-separated reader specs `spec` (e.g. `synthetic:64?height=96&width=128`), concatenated;
+    """Images of the comma-separated reader specs `spec` (e.g. `synthetic:64?height=96&width=128,folder:more`),
+    concatenated;
     a random subset of `limit` of them fixed by `seed` (0 = all)."""
     from vlm_depth.data import load
+    from vlm_depth.data.dataset import split_specs
 
-    parts = [load(s.strip(), split=split or None) for s in spec.split(",") if s.strip()]
+    parts = [load(s, split=split or None) for s in split_specs(spec)]
     if not parts:
         raise ConfigError(f"no dataset in {spec!r}")
     images = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
