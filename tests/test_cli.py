@@ -37,3 +37,15 @@ def test_unknown_keys_are_errors(tmp_path):
 def test_unknown_command_exits_nonzero():
     out = subprocess.run([sys.executable, "-m", "vlm_depth", "nope"], capture_output=True, text=True)
     assert out.returncode == 2 and "unknown command" in out.stderr
+
+
+def test_log_level_shows_progress_lines_by_default_and_hides_them_on_request(tmp_path, capsys):
+    from vlm_depth.cli import main
+
+    args = ["synth", "--num", "1", "--height", "48", "--width", "64", "--workers", "1"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert "INFO vlm_depth.data.synthetic: synth: 1 frames" in capsys.readouterr().err
+    assert main(["--log_level", "warning", *args, "--out", str(tmp_path / "b")]) == 0
+    assert "synth: 1 frames" not in capsys.readouterr().err
+    assert main([*args, "--log_level=loud"]) == 2
+    assert "error: --log_level must be one of" in capsys.readouterr().err

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from vlm_depth.config import option, parse_config
-from vlm_depth.errors import VlmDepthError
+from vlm_depth.errors import ConfigError, VlmDepthError
 
 
 @dataclass(frozen=True)
@@ -123,12 +125,53 @@ def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: vlm-depth COMMAND [--config FILE.yaml] [--key value ...] | vlm-depth --version", "", "commands:"]
     lines += [f"  {name:<{width}}  {cmd.help}" for name, cmd in COMMANDS.items()]
-    lines += ["", "`vlm-depth COMMAND --help` lists a command's options."]
+    lines += ["", "`vlm-depth COMMAND --help` lists a command's options; any command takes --log_level LEVEL"]
+    lines += [f"({'|'.join(LOG_LEVELS)}, default info: progress lines, warnings)."]
     return "\n".join(lines)
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _pop_log_level(argv: list[str]) -> tuple[str, list[str]]:
+    """`--log_level LEVEL` (or `=LEVEL`) anywhere in `argv` -> (level, the other arguments)."""
+    level, rest, args = "info", [], iter(argv)
+    for arg in args:
+        if arg == "--log_level":
+            level = next(args, "")
+        elif arg.startswith("--log_level="):
+            level = arg.partition("=")[2]
+        else:
+            rest.append(arg)
+    return level, rest
+
+
+def _configure_logging(level: str) -> logging.Handler:
+    """One console handler (stderr) for the package's loggers at `level` on the main process; the other processes
+    of a distributed run show warnings and errors only."""
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"--log_level must be one of {list(LOG_LEVELS)}, got {level!r}")
+    package = logging.getLogger("vlm_depth")
+    for handler in [h for h in package.handlers if getattr(h, "vlm_depth_console", False)]:
+        package.removeHandler(handler)  # a second main() in the same process replaces it
+    handler = logging.StreamHandler()
+    handler.vlm_depth_console = True
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    package.addHandler(handler)
+    main_process = int(os.environ.get("RANK", "0") or 0) == 0
+    package.setLevel(level.upper() if main_process else logging.WARNING)
+    return handler
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    level, argv = _pop_log_level(list(sys.argv[1:] if argv is None else argv))
+    try:
+        _configure_logging(level)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -146,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rest = ["--what", rest[0], *rest[1:]]
     runner, config_class = _resolve(cmd.runner), _resolve(cmd.config)
     try:
-        result = runner(parse_config(config_class, rest, prog=f"vlm-depth {name}"))
+        with logging_redirect_tqdm(loggers=[logging.getLogger("vlm_depth")]):  # log lines above progress bars
+            result = runner(parse_config(config_class, rest, prog=f"vlm-depth {name}"))
     except VlmDepthError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

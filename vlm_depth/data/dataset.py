@@ -164,8 +164,6 @@ def _convert(value: str, hint: Any, what: str) -> Any:
         except ValueError:
             raise ConfigError(f"{what}: expected {hint.__name__}, got {value!r}") from None
     if origin in (abc.Sequence, tuple, list):
-        if "," not in value:
-            raise ConfigError(f"{what}: expected comma-separated values, got {value!r}")
         item = (typing.get_args(hint) or (str,))[0]
         return tuple(_convert(v.strip(), item, what) for v in value.split(","))
     return value
