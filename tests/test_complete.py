@@ -186,13 +186,22 @@ def _check_outputs(out, name, rgb, sparse, intrinsics=None):
     valid = sparse > 0
     np.testing.assert_array_equal(depth[valid], sparse[valid])
     assert np.isfinite(depth).all() and (depth > 0).all()
-    for kind, width in (("color", 1), ("uncertainty", 1), ("compare", 4)):
-        image = read_rgb(out / f"{name}_{kind}.png")
-        assert image.shape == (rgb.shape[0], width * rgb.shape[1], 3)
+    uncertainty = np.load(out / f"{name}_uncertainty.npy", allow_pickle=False)
+    assert uncertainty.dtype == np.float32 and uncertainty.shape == depth.shape and (uncertainty[valid] == 0).all()
+    for kind in ("color", "uncertainty"):
+        assert read_rgb(out / f"{name}_{kind}.png").shape == rgb.shape
+    kept = read_rgb(out / f"{name}_uncertainty.png")[valid]
+    assert (kept == 150).all(), "kept input pixels are gray, not black like missing ones"
     compare = read_rgb(out / f"{name}_compare.png")
+    height, width = rgb.shape[:2]
+    assert compare.shape[1] == 4 * width and compare.shape[0] > height  # a colour-bar strip under the tiles
     assert (
-        np.abs(compare[40:, : rgb.shape[1]].astype(int) - rgb[40:]).max() == 0
+        np.abs(compare[40:height, :width].astype(int) - rgb[40:]).max() == 0
     )  # left tile is the RGB (below the label)
+    summary = json.loads((out / "summary.json").read_text())
+    (image,) = [i for i in summary["per_image"] if i["name"] == name]
+    low, high = image["depth_range_m"]
+    assert 0 <= low < high and image["uncertainty_range_m"][0] == 0 < image["uncertainty_range_m"][1]
     if intrinsics is not None:
         cloud = _read_ply(out / f"{name}.ply")
         assert len(cloud) == depth.size

@@ -104,9 +104,11 @@ def depth_range(values: np.ndarray, fixed: tuple[float, float] | None = None) ->
     return float(low), float(max(high, low + 1e-3))
 
 
-def colorize(values: np.ndarray, vrange: tuple[float, float], cmap: str = "turbo") -> np.ndarray:
-    """(H, W) values -> (H, W, 3) uint8 RGB through the matplotlib colormap `cmap` over `vrange`; missing values
-    (<= 0 or non-finite) are black."""
+def colorize(
+    values: np.ndarray, vrange: tuple[float, float], cmap: str = "turbo", valid: np.ndarray | None = None
+) -> np.ndarray:
+    """(H, W) values -> (H, W, 3) uint8 RGB through the matplotlib colormap `cmap` over `vrange`; pixels outside
+    `valid` (default: `valid_mask(values)`, i.e. missing depth) are black."""
     import matplotlib
 
     try:
@@ -114,7 +116,7 @@ def colorize(values: np.ndarray, vrange: tuple[float, float], cmap: str = "turbo
     except KeyError as err:
         raise ConfigError(f"unknown matplotlib colormap {cmap!r}") from err
     low, high = vrange
-    valid = valid_mask(values)
+    valid = valid_mask(values) if valid is None else valid
     scaled = np.clip((np.where(valid, values, low) - low) / (high - low), 0.0, 1.0)
     rgb = (colormap(scaled)[..., :3] * 255.0 + 0.5).astype(np.uint8)
     rgb[~valid] = 0

@@ -190,8 +190,9 @@ def save_figure(fig, path: str | Path, dpi: int) -> Path:
 def plot_mae_vs_density(path: str | Path, results: Sequence[Mapping[str, Any]]) -> Path | None:
     """MAE (m) against the mean input density (% of pixels, log scale), one line per method and one panel per
     dataset with at least two input densities; None (nothing written) when no dataset has two."""
-    plt = pyplot()
+    from matplotlib.ticker import NullFormatter
 
+    plt = pyplot()
     datasets = _group(results, ("dataset_name",))
     plotted = {name: rs for (name,), rs in datasets.items() if len({r["input_density"] for r in rs}) >= 2}
     if not plotted:
@@ -204,11 +205,15 @@ def plot_mae_vs_density(path: str | Path, results: Sequence[Mapping[str, Any]]) 
             if points:
                 ax.plot(*zip(*points), marker="o", label=method)
         ax.set_xscale("log")
+        densities = sorted({100 * r["input_density"] for r in rs if r["input_density"] > 0})
+        ax.set_xticks(densities, [f"{d:.3g}" for d in densities], rotation=45, ha="right")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # log axes label minor ticks too: they overlap the majors
         ax.set_xlabel("input density (% of pixels with depth)")
         ax.set_ylabel("MAE (m)")
         ax.set_title(name)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
+    fig.tight_layout()
     return save_figure(fig, path, dpi=100)
 
 
@@ -241,7 +246,7 @@ def save_compare_panel(
         ("RGB", rgb, None),
         (f"input ({100 * has_input.mean():.2f} % of pixels)", colorize(shown, vrange, "turbo"), None),
         ("prediction", colorize(pred, vrange, "turbo"), (vrange, "turbo")),
-        ("|error| where evaluated", colorize(error, erange, "magma"), (erange, "magma")),
+        ("|error| where evaluated", colorize(error, erange, "magma", valid=mask), (erange, "magma")),
     ]
 
     height, width = sparse.shape

@@ -68,7 +68,9 @@ def model_method(model: str, readout: str = "query", name: str = "") -> Method:
 
 
 def dataset_name(spec: str) -> str:
-    kind, _, path = spec.partition(":")
+    """`kind-FOLDER` of a `KIND:PATH?options` spec (the reader options are left out)."""
+    kind, _, rest = spec.partition(":")
+    path = rest.partition("?")[0]
     return f"{kind}-{Path(path).name}" if path else kind
 
 

@@ -69,7 +69,7 @@ def run_complete(cfg: CompleteConfig) -> dict[str, Any]:
         intrinsics = sample.intrinsics
         if intrinsics is None and cfg.fov > 0:
             intrinsics = intrinsics_from_fov(sample.width, sample.height, cfg.fov)
-        files = write_completion(
+        files, ranges = write_completion(
             out,
             sample.name,
             sample.rgb,
@@ -85,7 +85,7 @@ def run_complete(cfg: CompleteConfig) -> dict[str, Any]:
         totals["write_s"] += write_s
         totals["pixels"] += result.depth.size
         totals["queries"] += result.stats.get("queries", 0)
-        images.append({"name": sample.name, **result.stats, "write_s": write_s, "files": files})
+        images.append({"name": sample.name, **result.stats, **ranges, "write_s": write_s, "files": files})
     if not images:
         raise DataError(f"{cfg.dataset}: no frames to complete")
     stages: dict[str, float] = {}
