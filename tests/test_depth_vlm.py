@@ -238,6 +238,25 @@ def test_save_then_load_gives_identical_logits(tiny_ckpt, tmp_path, batch_inputs
     assert torch.equal(got, expected)
 
 
+def test_a_lora_checkpoint_loads_with_peft_as_the_base_plus_its_adapter(tiny_ckpt, tmp_path, batch_inputs):
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    model = apply_lora(_load(tiny_ckpt), r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    model.save_pretrained(tmp_path)
+    adapter = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "CAUSAL_LM" and adapter["base_model_name_or_path"] == str(tiny_ckpt.resolve())
+    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(adapter["base_model_name_or_path"])
+    peft_model = PeftModel.from_pretrained(base, tmp_path).eval()
+    plain = {k: v for k, v in batch_inputs.items() if k != "depth_maps"}  # peft knows no depth branch
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**plain).logits, model.eval()(**plain).logits, rtol=0, atol=1e-5)
+
+
 def test_full_checkpoint_base_weights_load_as_plain_qwen(tiny_ckpt, tmp_path):
     model = _load(tiny_ckpt, fusion="he_init")
     with torch.no_grad():

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 BRANCH_FILE = "depth_branch.safetensors"
 BASE_REF_FILE = "base_model.json"
+ADAPTER_CONFIG = "adapter_config.json"
 # Weights bitsandbytes must leave in full precision: the vision tower (incl. patch embedding) and the output head.
 NF4_SKIP_MODULES = ["model.visual", "lm_head"]
 
@@ -55,8 +56,12 @@ def save_depth_vlm(model, out: Path, save_base: Callable[..., None], **kwargs: A
         raise ModelError("no depth branch to save; save a plain Qwen2.5-VL with Qwen2_5_VLForConditionalGeneration")
     out.mkdir(parents=True, exist_ok=True)
     if getattr(model, "_hf_peft_config_loaded", False):
+        base = _resolved_reference(model.name_or_path)
         save_base(out, **kwargs)
-        reference = {"base_model": _resolved_reference(model.name_or_path), "pointer_token_id": model.pointer_token_id}
+        adapter = json.loads((out / ADAPTER_CONFIG).read_text())
+        adapter["base_model_name_or_path"] = base  # the same base as base_model.json, for peft's own loaders
+        (out / ADAPTER_CONFIG).write_text(json.dumps(adapter, indent=2, sort_keys=True))
+        reference = {"base_model": base, "pointer_token_id": model.pointer_token_id}
         (out / BASE_REF_FILE).write_text(json.dumps(reference, indent=2))
     else:
         if getattr(model, "hf_quantizer", None) is not None:
@@ -88,7 +93,7 @@ def load_depth_vlm(
         raise ModelError(f"{path}: saved with a different depth branch config; do not pass depth_cfg")
     cfg = saved_cfg or depth_cfg or DepthBranchConfig()
     reference = json.loads((folder / BASE_REF_FILE).read_text()) if (folder / BASE_REF_FILE).is_file() else None
-    if saved_cfg is None and (folder / "adapter_config.json").is_file():
+    if saved_cfg is None and (folder / ADAPTER_CONFIG).is_file():
         raise ModelError(f"{path}: a LoRA adapter without vlm_depth_config.json is not a vlm-depth checkpoint")
     weights = (base_model or reference["base_model"]) if reference is not None else path
     if quantization is not None:

@@ -64,6 +64,7 @@ def apply_lora(
         lora_dropout=dropout,
         target_modules=lora_target_pattern(target_modules, vision),
         bias="none",
+        task_type="CAUSAL_LM",  # peft's PeftModel.from_pretrained then builds a PeftModelForCausalLM
     )
     model.add_adapter(config)
     for name, param in model.named_parameters():
