@@ -79,3 +79,37 @@ def test_torch_view_yields_tensors_in_meters(folder, tmp_path, source):
     assert "intrinsics" not in item and view[3]["intrinsics"].tolist() == [50, 50, 31.5, 23.5]
     loader = torch.utils.data.DataLoader(view, batch_size=2, collate_fn=list)
     assert [len(batch) for batch in loader] == [2, 2]
+
+
+def test_train_and_eval_read_a_saved_hf_dataset_of_the_sample_frames(shared_data, tiny_ckpt, tmp_path):
+    from vlm_depth.cli import main
+
+    frames = shared_data / "train-and-test" / "nyuv2_sync_metric3d"
+    spec = f"pairs:{frames}?rgb=rgb/*.jpg&depth=depth/*.png&depth_scale=1000&intrinsics=intrinsics.txt"
+    original = load(spec)
+    to_hf_dataset(original, tmp_path / "cache").save_to_disk(str(tmp_path / "nyu-hf"))
+    converted = load(f"hf:{tmp_path / 'nyu-hf'}")
+    assert len(converted) == len(original) == 3
+    np.testing.assert_array_equal(converted[1].depth, original[1].depth)
+    assert converted[1].intrinsics == original[1].intrinsics and converted[1].name == original[1].name
+    hf = f"hf:{tmp_path / 'nyu-hf'}"
+    train = ["train", "--config", "tiny-synthetic", "--model", str(tiny_ckpt), "--dataset", hf, "--val_dataset", ""]
+    assert main([*train, "--max_steps", "1", "--queries_per_image", "4", "--out", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "final" / "depth_branch.safetensors").is_file()
+    evaluate = ["eval", "--dataset", hf, "--protocol", "uniform:500", "--baseline", "nearest"]
+    assert main([*evaluate, "--out", str(tmp_path / "eval")]) == 0
+    assert "`nearest`" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_hf_reader_refuses_what_is_not_an_rgbd_dataset(tmp_path):
+    from datasets import Dataset
+
+    from vlm_depth.errors import ConfigError, DataError
+
+    with pytest.raises(DataError, match="neither a folder"):
+        load(f"hf:{tmp_path / 'missing' / 'deeper'}")
+    Dataset.from_dict({"text": ["a"]}).save_to_disk(str(tmp_path / "text"))
+    with pytest.raises(DataError, match="needs an `rgb`"):
+        load(f"hf:{tmp_path / 'text'}")
+    with pytest.raises(ConfigError, match="without splits"):
+        load(f"hf:{tmp_path / 'text'}", split="test")

@@ -40,6 +40,7 @@ _READER_MODULES = (
     "vlm_depth.data.ddad",
     "vlm_depth.data.eth3d",
     "vlm_depth.data.synthetic",
+    "vlm_depth.data.hf",
 )
 
 R = TypeVar("R", bound="type[RGBDDataset]")

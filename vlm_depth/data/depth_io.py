@@ -40,7 +40,9 @@ def _integer_to_meters(values: np.ndarray, scale: float | None, path: Path) -> n
     return (values.astype(np.float64) / scale).astype(np.float32)
 
 
-def _array_to_meters(values: np.ndarray, scale: float | None, path: Path) -> np.ndarray:
+def array_to_meters(values: np.ndarray, scale: float | None, path: Path | str) -> np.ndarray:
+    """A depth array as stored (float meters, or integers = meters * `scale`) -> (H, W) float32 meters; `path`
+    names the source in errors."""
     if values.ndim == 3 and values.shape[2] == 1:
         values = values[..., 0]
     if values.ndim != 2:
@@ -73,7 +75,7 @@ def _read_depth_image(path: Path, scale: float | None) -> np.ndarray:
             f"{path}: depth image is 8-bit; 8 bits cannot hold metric depth (a visualisation?). "
             "Expected a 16-bit image (e.g. millimetres) or a float32 .npy in meters"
         )
-    return _array_to_meters(image, scale, path)
+    return array_to_meters(image, scale, path)
 
 
 def _read_depth_hdf5(path: Path, scale: float | None, key: str | None) -> np.ndarray:
@@ -86,7 +88,7 @@ def _read_depth_hdf5(path: Path, scale: float | None, key: str | None) -> np.nda
         if key not in f or not isinstance(f[key], h5py.Dataset):
             raise DataError(f"{path}: no dataset {key!r}")
         values = f[key][()]
-    return _array_to_meters(np.asarray(values), scale, path)
+    return array_to_meters(np.asarray(values), scale, path)
 
 
 def read_npy(path: str | Path) -> np.ndarray:
@@ -113,7 +115,7 @@ def read_depth(path: str | Path, scale: float | None = None, key: str | None = N
     if suffix in IMAGE_SUFFIXES:
         depth = _read_depth_image(path, scale)
     elif suffix == ".npy":
-        depth = _array_to_meters(read_npy(path), scale, path)
+        depth = array_to_meters(read_npy(path), scale, path)
     elif suffix in HDF5_SUFFIXES:
         depth = _read_depth_hdf5(path, scale, key)
     else:
