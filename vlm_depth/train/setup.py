@@ -289,7 +289,6 @@ def setup(cfg: TrainConfig) -> Run:
     if accelerator.is_main_process:
         prepare_log(cfg.out, run.start_step, resume, cfg.resume_from)
         save_config(cfg.out, cfg)
-    if accelerator.is_main_process:
         accelerator.init_trackers("vlm-depth", config=_tracker_config(cfg))
     return run
 
