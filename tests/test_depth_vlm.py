@@ -231,7 +231,7 @@ def test_save_then_load_gives_identical_logits(tiny_ckpt, tmp_path, batch_inputs
     if variant == "lora":
         assert json.loads((tmp_path / "base_model.json").read_text())["base_model"] == str(tiny_ckpt.resolve())
         assert not (tmp_path / "model.safetensors").exists()
-    loaded = DepthVLM.from_pretrained(tmp_path).eval()
+    loaded = DepthVLM.from_pretrained(tmp_path, base_model=str(tiny_ckpt)).eval()  # LoRA: its base passed
     assert loaded.depth_cfg == model.depth_cfg
     with torch.no_grad():
         got = loaded(**batch_inputs).logits
@@ -277,7 +277,7 @@ def test_loading_a_plain_checkpoint_attaches_a_fresh_branch(tiny_ckpt):
 
 
 def test_unreadable_folder_is_a_one_line_model_error(tmp_path):
-    with pytest.raises(ModelError, match="no_such_checkpoint: no such checkpoint folder") as err:
+    with pytest.raises(ModelError, match="no_such_checkpoint: checkpoint folder not found") as err:
         DepthVLM.from_pretrained(tmp_path / "no_such_checkpoint")
     assert "\n" not in str(err.value)
     broken = tmp_path / "broken"

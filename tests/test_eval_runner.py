@@ -14,7 +14,7 @@ from vlm_depth.cli import main
 from vlm_depth.data import RGBDSample, load
 from vlm_depth.data.folder import write_folder_sample
 from vlm_depth.data.sparsify import image_seed, sparsify
-from vlm_depth.errors import ConfigError
+from vlm_depth.errors import ConfigError, ModelError
 from vlm_depth.eval.baselines import BASELINES
 from vlm_depth.eval.eval_config import EvalConfig
 from vlm_depth.eval.metrics import METRIC_NAMES, compute_metrics, eval_mask
@@ -202,7 +202,7 @@ def test_sensor_protocol_without_ground_truth_is_refused(eval_only_folder, tmp_p
 
 
 def test_a_model_method_needs_an_existing_checkpoint_and_says_so(gt_folder, tmp_path):
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ModelError, match="not found"):
         run_eval(EvalConfig(dataset=f"folder:{gt_folder}", model=str(tmp_path / "nope"), out=str(tmp_path / "o")))
 
 

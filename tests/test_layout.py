@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vlm_depth"
 LAYERS = {
     "errors": 0,
     "resources": 1,
+    "files": 1,
     "config": 2,
     "depth": 2,
     "prompts": 3,

@@ -302,7 +302,7 @@ def test_save_load_round_trip_restores_identical_mdm_outputs(model, processor, h
     lora = apply_lora(DepthVLM.from_pretrained(tiny_ckpt, depth_cfg=DepthBranchConfig(**HEAD))).eval()
     lora_before = _mdm_of(lora, processor, samples)
     lora.save_pretrained(tmp_path / "lora")
-    lora_loaded = DepthVLM.from_pretrained(tmp_path / "lora").eval()
+    lora_loaded = DepthVLM.from_pretrained(tmp_path / "lora", base_model=str(tiny_ckpt)).eval()
     for a, b in zip(lora_before, _mdm_of(lora_loaded, processor, samples)):
         assert torch.equal(a, b)
 

@@ -180,7 +180,7 @@ def test_pointer_projection_is_saved_and_loaded(tiny_ckpt, processor, tmp_path, 
     with torch.no_grad():
         expected = model(**inputs, pointer_xy=xy).logits
     model.save_pretrained(tmp_path)
-    loaded = DepthVLM.from_pretrained(tmp_path).eval()
+    loaded = DepthVLM.from_pretrained(tmp_path, base_model=str(tiny_ckpt)).eval()  # LoRA: its base passed
     assert loaded.pointer_token_id == model.pointer_token_id
     with torch.no_grad():
         assert torch.equal(loaded(**inputs, pointer_xy=xy).logits, expected)

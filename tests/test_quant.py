@@ -69,7 +69,7 @@ def test_nf4_lora_trains_after_an_evaluation_and_reloads(tiny_ckpt, inputs, tmp_
     with torch.no_grad():
         expected = model(**inputs).logits
     model.save_pretrained(tmp_path)
-    loaded = DepthVLM.from_pretrained(tmp_path, quantization="nf4").eval()
+    loaded = DepthVLM.from_pretrained(tmp_path, quantization="nf4", base_model=str(tiny_ckpt)).eval()
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, expected)
 

@@ -188,7 +188,7 @@ def test_wheel_trains_completes_and_evaluates_from_elsewhere(wheel_env, tiny_ckp
     train = run(
         *"vlm-depth train --config tiny-synthetic --model tiny --out run --max_steps 2 --batch_size 1".split(),
         *"--dataset synthetic:2?height=48&width=64&seed=0 --queries_per_image 4".split(),
-        *"--val_dataset synthetic:1?height=48&width=64&seed=1 --num_val_images 1 --val_queries 2".split(),
+        *"--val_dataset synthetic:1?height=48&width=64&seed=1 --num_val_images 1 --val_queries_per_image 2".split(),
     )
     assert not any(w in (train.stdout + train.stderr) for w in BNB_WARNINGS), train.stderr[-2000:]
     assert (cwd / "run" / "final").is_dir()

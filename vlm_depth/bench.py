@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from vlm_depth.config import option, save_config
 from vlm_depth.errors import ConfigError
+from vlm_depth.files import atomic_write
 
 
 @dataclass
@@ -18,7 +19,7 @@ class BenchConfig:
 
     renamed: ClassVar[dict[str, str]] = {"train_k": "queries_per_image", "num_queries": "query_pixels"}
 
-    what: str = option("What to benchmark: `decoder` or `train`.", default="decoder")
+    what: Literal["decoder", "train"] = option("What to benchmark: `decoder` or `train`.", default="decoder")
     model: str = option("Checkpoint folder (a vlm-depth or plain Qwen2.5-VL checkpoint).", default="")
     out: str = option("Optional folder for the JSON result and the resolved config.", default="")
     height: int = option("Height of the benchmark images in pixels.", default=448)
@@ -65,5 +66,5 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         raise ConfigError(f"bench: unknown benchmark {cfg.what!r}; choose decoder or train")
     if cfg.out:
         save_config(cfg.out, cfg)
-        (Path(cfg.out) / f"bench_{cfg.what}.json").write_text(json.dumps(result, indent=2))
+        atomic_write(Path(cfg.out) / f"bench_{cfg.what}.json", json.dumps(result, indent=2))
     return result

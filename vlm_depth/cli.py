@@ -79,6 +79,11 @@ class TinyConfig:
     max_pixels: int = option("Image processor max_pixels (28*28*tokens).", default=28 * 28 * 100)
     min_pixels: int = option("Image processor min_pixels.", default=28 * 28 * 4)
 
+    def __post_init__(self) -> None:
+        from vlm_depth.model.tiny import check_tiny_settings
+
+        check_tiny_settings(self.hidden_size, self.num_layers, self.vision_depth, self.min_pixels, self.max_pixels)
+
 
 def run_tiny(cfg: TinyConfig) -> dict[str, Any]:
     """`vlm-depth tiny`: `vlm_depth.model.tiny.build_tiny_checkpoint` with the command's options."""
@@ -101,19 +106,25 @@ class SynthConfig:
     preview: bool = option("Also write a side-by-side preview PNG (RGB | GT | sensor | error).", default=False)
     scene: str = option("Scene layouts: room, street, or mixed (4/5 rooms).", default="mixed")
     workers: int = option("Worker processes (0 = one per CPU core); the output does not depend on it.", default=0)
+    overwrite: bool = option(
+        "Empty --out first when it holds an earlier synth run (else that is an error).", default=False
+    )
 
 
 def run_synth(cfg: SynthConfig) -> dict[str, Any]:
-    """`vlm-depth synth`: `vlm_depth.data.synthetic.write_synthetic` with the command's options; the resolved
-    config is saved beside the frames."""
+    """`vlm-depth synth`: `vlm_depth.data.synthetic.write_synthetic` with the command's options into a claimed
+    output folder (see `vlm_depth.files.claim_output`); the resolved config is saved beside the frames."""
     from dataclasses import asdict
 
     from vlm_depth.config import save_config
-    from vlm_depth.data.synthetic import write_synthetic
+    from vlm_depth.data.synthetic import check_synth_options, write_synthetic
+    from vlm_depth.files import claim_output
 
-    summary = write_synthetic(**asdict(cfg))
-    save_config(cfg.out, cfg)
-    return summary
+    options = {k: v for k, v in asdict(cfg).items() if k != "overwrite"}
+    check_synth_options(cfg.num, cfg.height, cfg.width, cfg.scene, cfg.workers, cfg.seed)
+    with claim_output(cfg.out, "synth", ["config.yaml", "*_rgb.png"], overwrite=cfg.overwrite):
+        save_config(cfg.out, cfg)
+        return write_synthetic(**options)
 
 
 def _resolve(spec: str) -> Any:
@@ -191,8 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with logging_redirect_tqdm(loggers=[logging.getLogger("vlm_depth")]):  # log lines above progress bars
             result = runner(parse_config(config_class, rest, prog=f"vlm-depth {name}"))
-    except VlmDepthError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except VlmDepthError as exc:  # bad input: one line that says what to do; any other exception is a bug
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,7 +1,8 @@
 """The depth floor: what a depth value means, decided once for the whole package.
 
 Inside vlm-depth depth is float32 meters, shape (H, W); 0, negative or non-finite = "no measurement". Every module
-asks this one for validity (`valid_mask`), cleaning (`sanitize_depth`), "keep means keep" (`keep_input`), whether a
+asks this one for validity (`valid_mask`), cleaning (`sanitize_depth`), plausibility at the edge where depth enters
+(`check_depth_values`: meters, not another unit), "keep means keep" (`keep_input`), whether a
 depth grid covers the RGB field of view (`same_aspect`), and how depth is coloured for people (`depth_range`,
 `colorize`). Conversions from file encodings happen at the I/O edge (`vlm_depth.data.depth_io`), never here.
 """
@@ -13,7 +14,7 @@ import logging
 import numpy as np
 import torch
 
-from vlm_depth.errors import ConfigError, DataError
+from vlm_depth.errors import ConfigError, DataError, ImplausibleDepthError
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +23,15 @@ Array = np.ndarray | torch.Tensor
 # Largest relative difference between two aspect ratios that still counts as "the same field of view" (a depth grid
 # of another resolution than the RGB is resized onto it only then).
 ASPECT_TOLERANCE = 0.01
+
+# Plausible metric depth: no sensor or benchmark measures beyond MAX_PLAUSIBLE_M, and no camera sees a scene whose
+# every point is nearer than MIN_PLAUSIBLE_M (that is a unit error, e.g. a whole-meter PNG of a room divided by 1000).
+MAX_PLAUSIBLE_M = 1000.0
+MIN_PLAUSIBLE_M = 0.01
+UNIT_HINT = (
+    "not meters? Integer depth files are divided by --depth_scale (units per meter: 1000 for millimetres, 256 for "
+    "KITTI); float .npy/HDF5 files and arrays must hold meters"
+)
 
 
 def valid_mask(depth: Array, min_depth: float | None = None, max_depth: float | None = None) -> Array:
@@ -67,12 +77,30 @@ def sanitize_depth(depth: np.ndarray, what: str) -> np.ndarray:
     return depth
 
 
-def require_finite(depth: np.ndarray, what: str) -> None:
-    """DataError when a depth map has values but none is finite: all NaN/inf is a broken file or array, not "no
-    depth" (monocular input is all zeros)."""
+def check_depth_values(depth: np.ndarray, what: str) -> None:
+    """Refuse a (floating-point, meters) depth map whose values cannot be metric depth, naming `what`:
+    DataError when it has values but none is finite (all NaN/inf) or none is positive but some are negative (a
+    broken file, sign or encoding, not "no depth": monocular input is all zeros); ImplausibleDepthError when a
+    value exceeds `MAX_PLAUSIBLE_M` or every valid value is below `MIN_PLAUSIBLE_M` (a wrong unit or scale)."""
     depth = np.asarray(depth)
-    if depth.size and np.issubdtype(depth.dtype, np.floating) and not np.isfinite(depth).any():
+    if not depth.size or not np.issubdtype(depth.dtype, np.floating):
+        return  # shapes and dtypes are checked where the arrays are typed (`sanitize_depth`)
+    finite = np.isfinite(depth)
+    if not finite.any():
         raise DataError(f"{what}: the depth map has no finite value (all NaN/inf); for monocular input pass zeros")
+    valid = finite & (depth > 0)
+    if not valid.any():
+        if (depth[finite] < 0).any():
+            raise DataError(
+                f"{what}: no positive depth (every measured value is negative): a wrong sign or encoding; for "
+                "monocular input pass zeros"
+            )
+        return
+    top = float(depth[valid].max())
+    if top > MAX_PLAUSIBLE_M:
+        raise ImplausibleDepthError(f"{what}: depth up to {top:.4g} m (> {MAX_PLAUSIBLE_M:,.0f} m): {UNIT_HINT}")
+    if top < MIN_PLAUSIBLE_M:
+        raise ImplausibleDepthError(f"{what}: every depth is below 1 cm (at most {top:.3g} m): {UNIT_HINT}")
 
 
 def keep_input(
@@ -104,20 +132,25 @@ def depth_range(values: np.ndarray, fixed: tuple[float, float] | None = None) ->
     return float(low), float(max(high, low + 1e-3))
 
 
+def colormap(name: str):
+    """The matplotlib colormap `name`; ConfigError naming `--colormap` when there is none."""
+    import matplotlib
+
+    try:
+        return matplotlib.colormaps[name]
+    except KeyError as err:
+        raise ConfigError(f"--colormap: unknown matplotlib colormap {name!r} (e.g. turbo, viridis, magma)") from err
+
+
 def colorize(
     values: np.ndarray, vrange: tuple[float, float], cmap: str = "turbo", valid: np.ndarray | None = None
 ) -> np.ndarray:
     """(H, W) values -> (H, W, 3) uint8 RGB through the matplotlib colormap `cmap` over `vrange`; pixels outside
     `valid` (default: `valid_mask(values)`, i.e. missing depth) are black."""
-    import matplotlib
-
-    try:
-        colormap = matplotlib.colormaps[cmap]
-    except KeyError as err:
-        raise ConfigError(f"unknown matplotlib colormap {cmap!r}") from err
+    colors = colormap(cmap)
     low, high = vrange
     valid = valid_mask(values) if valid is None else valid
     scaled = np.clip((np.where(valid, values, low) - low) / (high - low), 0.0, 1.0)
-    rgb = (colormap(scaled)[..., :3] * 255.0 + 0.5).astype(np.uint8)
+    rgb = (colors(scaled)[..., :3] * 255.0 + 0.5).astype(np.uint8)
     rgb[~valid] = 0
     return rgb

@@ -110,8 +110,8 @@ def build_sample(files: Sequence[str | Path], **fields: Any) -> RGBDSample:
     """`RGBDSample(**fields)`, with any validation error (shape, aspect ratio, dtype) naming the source files."""
     try:
         return RGBDSample(**fields)
-    except DataError as exc:
-        raise DataError(f"{exc} [files: {', '.join(str(f) for f in files)}]") from exc
+    except DataError as exc:  # the same class (e.g. ImplausibleDepthError), now naming the files
+        raise type(exc)(f"{exc} [files: {', '.join(str(f) for f in files)}]") from exc
 
 
 def _import_readers() -> None:

@@ -9,6 +9,7 @@ measurements.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import cv2
@@ -16,8 +17,9 @@ import h5py
 import numpy as np
 
 from vlm_depth.data.sample import Intrinsics
-from vlm_depth.depth import require_finite, sanitize_depth, valid_mask
+from vlm_depth.depth import sanitize_depth, valid_mask
 from vlm_depth.errors import ConfigError, DataError
+from vlm_depth.files import atomic_path, atomic_write
 
 UINT16_MAX = 65535
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -29,14 +31,25 @@ def _require_file(path: Path) -> None:
         raise DataError(f"file not found: {path}")
 
 
+def check_depth_scale(scale: object, what: str = "depth_scale") -> float:
+    """`scale` (units per meter of integer depth) as a float; ConfigError naming `what` unless it is a finite number
+    > 0 (an infinite scale would turn every depth into 0, i.e. silently monocular)."""
+    number = isinstance(scale, (int, float, np.number)) and not isinstance(scale, bool)
+    if not number or not math.isfinite(scale) or scale <= 0:
+        raise ConfigError(
+            f"{what} must be a finite number > 0 (units per meter: 1000 for millimetres, 256 for KITTI/VOID), "
+            f"got {scale!r}"
+        )
+    return float(scale)
+
+
 def _integer_to_meters(values: np.ndarray, scale: float | None, path: Path) -> np.ndarray:
     if scale is None:
         raise ConfigError(
             f"{path}: integer depth ({values.dtype}) needs a scale (units per meter: 1000 for millimetres, "
             "256 for KITTI/VOID, 5000 for TUM, 100 for Virtual KITTI 2)"
         )
-    if not scale > 0:
-        raise ConfigError(f"{path}: depth scale must be > 0, got {scale}")
+    scale = check_depth_scale(scale, f"{path}: the depth scale (--depth_scale)")
     return (values.astype(np.float64) / scale).astype(np.float32)
 
 
@@ -54,12 +67,31 @@ def array_to_meters(values: np.ndarray, scale: float | None, path: Path | str) -
     raise DataError(f"{path}: unsupported depth dtype {values.dtype}")
 
 
+def _check_whole_jpeg(path: Path) -> None:
+    """DataError for a truncated JPEG, which cv2 decodes with the missing part grey (libjpeg only warns on stderr).
+    A JPEG that does not end with its end-of-image marker is decoded again by PIL, which refuses truncated data."""
+    with path.open("rb") as f:
+        head = f.read(2)
+        f.seek(max(path.stat().st_size - 2, 0))
+        tail = f.read(2)
+    if head != b"\xff\xd8" or tail == b"\xff\xd9":
+        return
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: truncated or corrupt image ({err})") from err
+
+
 def _imread(path: Path) -> np.ndarray:
     """The image file as stored (bit depth and channels unchanged, BGR order); DataError naming the file."""
     _require_file(path)
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None:
-        raise DataError(f"{path}: cannot decode the image")
+        raise DataError(f"{path}: cannot decode the image (not an image, or a damaged one)")
+    _check_whole_jpeg(path)
     return image
 
 
@@ -79,7 +111,11 @@ def _read_depth_image(path: Path, scale: float | None) -> np.ndarray:
 
 
 def _read_depth_hdf5(path: Path, scale: float | None, key: str | None) -> np.ndarray:
-    with h5py.File(path, "r") as f:
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise DataError(f"{path}: not a readable HDF5 file ({err})") from err
+    with f:
         if key is None:
             names = [name for name, item in f.items() if isinstance(item, h5py.Dataset)]
             if len(names) != 1:
@@ -99,11 +135,13 @@ def read_npy(path: str | Path) -> np.ndarray:
         return np.load(path, allow_pickle=False)
     except ValueError as exc:
         raise DataError(f"{path}: not a plain numeric .npy array ({exc})") from exc
+    except (EOFError, OSError) as exc:
+        raise DataError(f"{path}: empty or damaged .npy file ({exc})") from exc
 
 
 def read_depth(path: str | Path, scale: float | None = None, key: str | None = None) -> np.ndarray:
-    """Read a depth map as (H, W) float32 meters, 0 = missing (NaN/inf are kept; `RGBDSample` masks them; a map
-    without any finite value is refused).
+    """Read a depth map as (H, W) float32 meters, 0 = missing (NaN/inf are kept; `RGBDSample` masks them and
+    refuses values that are not plausible meters).
 
     path: a 16-bit PNG/TIFF (value / `scale`), a `.npy` (float meters; allow_pickle=False) or an HDF5 file
     (dataset `key`, default: the file's only top-level dataset). `scale` (units per meter) is required for integer
@@ -120,7 +158,6 @@ def read_depth(path: str | Path, scale: float | None = None, key: str | None = N
         depth = _read_depth_hdf5(path, scale, key)
     else:
         raise DataError(f"{path}: unknown depth file type {suffix!r} (expected .png, .tif, .npy, .h5/.hdf5)")
-    require_finite(depth, str(path))
     return depth
 
 
@@ -157,9 +194,9 @@ def depth_to_uint16(depth_m: np.ndarray, scale: float, what: str = "depth") -> n
 
 
 def _write_image(path: Path, image: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), image):
-        raise DataError(f"{path}: could not write the image")
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), image):
+            raise DataError(f"{path}: could not write the image")
     return path
 
 
@@ -172,8 +209,8 @@ def write_depth_png(path: str | Path, depth_m: np.ndarray, scale: float = 1000.0
 def write_depth_npy(path: str | Path, depth_m: np.ndarray) -> Path:
     """Write (H, W) depth as float32 meters to `.npy` (non-finite/negative values stored as 0)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, sanitize_depth(np.asarray(depth_m, dtype=np.float32), str(path)), allow_pickle=False)
+    with atomic_path(path) as tmp:
+        np.save(tmp, sanitize_depth(np.asarray(depth_m, dtype=np.float32), str(path)), allow_pickle=False)
     return path
 
 
@@ -220,7 +257,7 @@ def write_label_png(path: str | Path, labels: np.ndarray) -> Path:
 def _numbers_in_text(path: Path) -> np.ndarray:
     """All numbers of the lines of a text file that consist only of numbers (header/comment lines are skipped)."""
     values: list[float] = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         tokens = line.replace(",", " ").split()
         try:
             values += [float(t) for t in tokens]
@@ -250,10 +287,18 @@ def read_intrinsics(path: str | Path) -> Intrinsics:
     path = Path(path)
     _require_file(path)
     if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"{path}: not valid JSON ({err})") from err
+        if not isinstance(data, dict):
+            raise DataError(f"{path}: expected a JSON object with fx, fy, cx, cy in pixels, got {data!r:.40}")
         missing = [k for k in ("fx", "fy", "cx", "cy") if k not in data]
         if missing:
             raise DataError(f"{path}: intrinsics json lacks {missing} (expected keys fx, fy, cx, cy in pixels)")
+        for key in ("fx", "fy", "cx", "cy"):
+            if isinstance(data[key], bool) or not isinstance(data[key], (int, float)):
+                raise DataError(f"{path}: {key} must be a number of pixels, got {data[key]!r}")
         return (float(data["fx"]), float(data["fy"]), float(data["cx"]), float(data["cy"]))
     if path.suffix.lower() == ".npy":
         return intrinsics_from_matrix(read_npy(path), str(path))
@@ -262,7 +307,4 @@ def read_intrinsics(path: str | Path) -> Intrinsics:
 
 def write_intrinsics_json(path: str | Path, intrinsics: Intrinsics) -> Path:
     """Write (fx, fy, cx, cy) in pixels as `{"fx": .., "fy": .., "cx": .., "cy": ..}`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(zip(("fx", "fy", "cx", "cy"), map(float, intrinsics)))) + "\n")
-    return path
+    return atomic_write(path, json.dumps(dict(zip(("fx", "fy", "cx", "cy"), map(float, intrinsics)))) + "\n")

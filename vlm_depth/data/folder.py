@@ -22,6 +22,7 @@ import numpy as np
 
 from vlm_depth.data.dataset import RGBDDataset, build_sample, register_reader
 from vlm_depth.data.depth_io import (
+    check_depth_scale,
     read_depth,
     read_intrinsics,
     read_label_png,
@@ -35,6 +36,7 @@ from vlm_depth.data.depth_io import (
 )
 from vlm_depth.data.sample import RGBDSample, scalar_meta
 from vlm_depth.errors import ConfigError, DataError
+from vlm_depth.files import atomic_path, atomic_write
 
 RGB_SUFFIXES = (".png", ".jpg", ".jpeg")
 DEPTH_SUFFIXES = (".png", ".npy")
@@ -66,9 +68,7 @@ class FolderDataset(RGBDDataset):
 
     def __init__(self, root: str | Path, split: str | None = None, depth_scale: float = 1000.0) -> None:
         super().__init__(root, split)
-        if not depth_scale > 0:
-            raise ConfigError(f"folder: depth_scale must be > 0, got {depth_scale}")
-        self.depth_scale = float(depth_scale)
+        self.depth_scale = check_depth_scale(depth_scale, "folder: depth_scale")
         # One directory walk: group `<base>_<role>.<ext>` files by base (roles and map keys contain no "_").
         frames: dict[Path, dict[str, list[Path]]] = {}
         for path in sorted(self.root.rglob("*_*")):
@@ -175,11 +175,9 @@ def write_folder_sample(
         if values.dtype in (np.uint8, np.uint16) and values.ndim == 2:
             written.append(write_label_png(f"{base}_{key}.png", values))
         else:
-            path = Path(f"{base}_{key}.npy")
-            np.save(path, values, allow_pickle=False)
-            written.append(path)
+            with atomic_path(f"{base}_{key}.npy") as tmp:
+                np.save(tmp, values, allow_pickle=False)
+            written.append(Path(f"{base}_{key}.npy"))
     if scalars:
-        meta_path = Path(f"{base}_meta.json")
-        meta_path.write_text(json.dumps(scalars, sort_keys=True) + "\n")
-        written.append(meta_path)
+        written.append(atomic_write(f"{base}_meta.json", json.dumps(scalars, sort_keys=True) + "\n"))
     return written

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from vlm_depth.data.dataset import RGBDDataset, build_sample, register_reader
-from vlm_depth.data.depth_io import read_depth, read_intrinsics, read_rgb
+from vlm_depth.data.depth_io import check_depth_scale, read_depth, read_intrinsics, read_rgb
 from vlm_depth.data.sample import Intrinsics, RGBDSample
 from vlm_depth.errors import ConfigError, DataError
 
@@ -63,7 +63,7 @@ class PairsDataset(RGBDDataset):
         super().__init__(root, split)
         if depth is None and gt is None:
             raise ConfigError("pairs: give a `depth` and/or a `gt` glob pattern")
-        self.depth_scale = depth_scale
+        self.depth_scale = None if depth_scale is None else check_depth_scale(depth_scale, "pairs: depth_scale")
         self.max_depth = max_depth
         self.intrinsics = parse_intrinsics(intrinsics, self.root)
         rgbs = _index(self.root, rgb)

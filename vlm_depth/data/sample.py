@@ -15,10 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from vlm_depth.depth import same_aspect, sanitize_depth
+from vlm_depth.depth import check_depth_values, same_aspect, sanitize_depth
 from vlm_depth.errors import DataError
 
 Intrinsics = tuple[float, float, float, float]
+
+MIN_IMAGE_SIDE = 28  # one 2x2 merge of 14-pixel patches: the smallest image a Qwen2.5-VL grid holds
+MAX_ASPECT = 200  # Qwen2.5-VL's smart_resize refuses more elongated images
 
 
 def scalar_meta(meta: dict[str, Any]) -> dict[str, Any]:
@@ -46,6 +49,23 @@ def scale_intrinsics(intrinsics: Intrinsics, from_hw: tuple[int, int], to_hw: tu
     return (fx * sx, fy * sy, (cx + 0.5) * sx - 0.5, (cy + 0.5) * sy - 0.5)
 
 
+def _check_image_size(shape: tuple[int, ...], what: str) -> None:
+    """DataError for an RGB image that Qwen2.5-VL cannot take: empty, a side below `MIN_IMAGE_SIDE` pixels, or an
+    aspect ratio above `MAX_ASPECT`."""
+    height, width = shape[:2]
+    if not height or not width:
+        raise DataError(f"{what}: the image is empty ({width}x{height} pixels)")
+    if max(height, width) / min(height, width) > MAX_ASPECT:
+        raise DataError(
+            f"{what}: the image is {width}x{height} pixels, an aspect ratio above {MAX_ASPECT}:1, which Qwen2.5-VL "
+            "does not take; crop it"
+        )
+    if min(height, width) < MIN_IMAGE_SIDE:
+        raise DataError(
+            f"{what}: the image is {width}x{height} pixels, too small: at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}"
+        )
+
+
 def _check_intrinsics(intrinsics: Any, what: str) -> Intrinsics | None:
     if intrinsics is None:
         return None
@@ -68,9 +88,10 @@ class RGBDSample:
     right) rows/cols of the RGB grid, end-exclusive), `depth_intrinsics` (fx, fy, cx, cy of the depth grid when it is
     not simply the RGB camera resized), `depth_is_gt`, and per-pixel label maps such as `material` ((h, w) uint8).
 
-    `__post_init__` validates types and shapes, refuses a depth grid whose aspect ratio differs from the RGB one
-    unless `meta["depth_intrinsics"]` says how they align, and replaces NaN/inf/negative depth by 0 with a logged
-    count.
+    `__post_init__` is where every frame enters the package: it validates types, shapes and image size (at least
+    28x28 pixels, aspect ratio up to 200:1), refuses depth that is not plausible meters (`check_depth_values`) and
+    a depth grid whose aspect ratio differs from the RGB one unless `meta["depth_intrinsics"]` says how they align,
+    replaces NaN/inf/negative depth by 0 with a logged count, and stores C-ordered arrays.
     """
 
     rgb: np.ndarray
@@ -85,12 +106,13 @@ class RGBDSample:
         rgb = np.asarray(self.rgb)
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise DataError(f"{what}: rgb must be a (H, W, 3) uint8 array, got {rgb.dtype} {rgb.shape}")
-        self.rgb = rgb
+        _check_image_size(rgb.shape, what)
+        self.rgb = np.ascontiguousarray(rgb)  # any strides in (e.g. a flipped view), C order out
         self.meta = dict(self.meta)  # normalised below; never the caller's dict
         same = self.gt is not None and self.gt is self.depth
-        self.depth = sanitize_depth(self.depth, f"{what} depth")
+        self.depth = self._entered(self.depth, f"{what} depth")
         if self.gt is not None:
-            self.gt = self.depth if same else sanitize_depth(self.gt, f"{what} gt")
+            self.gt = self.depth if same else self._entered(self.gt, f"{what} gt")
             if self.gt.shape != self.depth.shape:
                 raise DataError(f"{what}: gt shape {self.gt.shape} differs from depth shape {self.depth.shape}")
         self.intrinsics = _check_intrinsics(self.intrinsics, what)
@@ -105,6 +127,16 @@ class RGBDSample:
                     f"{what}: eval_crop {self.meta['eval_crop']} outside the {self.height}x{self.width} image"
                 )
             self.meta["eval_crop"] = (top, bottom, left, right)
+
+    @staticmethod
+    def _entered(depth: np.ndarray, what: str) -> np.ndarray:
+        """A depth map as it enters the package: plausible meters (`check_depth_values`), sanitised, C order."""
+        depth = np.asarray(depth)
+        check_depth_values(depth, what)
+        depth = np.ascontiguousarray(sanitize_depth(depth, what))
+        if not depth.size:
+            raise DataError(f"{what}: the depth map is empty ({depth.shape[1]}x{depth.shape[0]} pixels)")
+        return depth
 
     @property
     def height(self) -> int:

@@ -32,6 +32,7 @@ from vlm_depth.data.synthetic_scene import MATERIAL_NAMES, SKY, shade, trace
 from vlm_depth.data.synthetic_sensor import sample_rig, simulate_sensor
 from vlm_depth.depth import colorize, depth_range, valid_mask
 from vlm_depth.errors import ConfigError
+from vlm_depth.files import make_folder
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +41,30 @@ logger = logging.getLogger(__name__)
 MAX_GT_DEPTH = 60.0
 
 
+# Largest frame side: SGBM and cv2.remap need < 32767 px, and a frame this size already takes minutes to ray cast.
+MAX_SIDE = 4096
+
+
 def _check_size(height: int, width: int) -> None:
     if height < 32 or width < 32:
         raise ConfigError(f"synthetic frames need height and width >= 32 pixels, got {height}x{width}")
+    if height > MAX_SIDE or width > MAX_SIDE:
+        raise ConfigError(
+            f"synthetic frames are at most {MAX_SIDE} pixels per side (--height, --width), got {height}x{width}"
+        )
+
+
+def check_synth_options(num: int, height: int, width: int, scene: str, workers: int, seed: int = 0) -> None:
+    """ConfigError for options of `write_synthetic` (`vlm-depth synth`) that cannot work, before anything runs."""
+    if num < 1:
+        raise ConfigError(f"--num must be >= 1, got {num}")
+    if scene not in SCENE_KINDS:
+        raise ConfigError(f"--scene must be one of {SCENE_KINDS}, got {scene!r}")
+    if workers < 0:
+        raise ConfigError(f"--workers must be >= 0 (0 = one per CPU core), got {workers}")
+    if seed < 0:
+        raise ConfigError(f"--seed must be >= 0 (synthetic streams are indexed by it), got {seed}")
+    _check_size(height, width)
 
 
 def generate_sample(index: int, seed: int, height: int = 240, width: int = 320, scene: str = "mixed") -> RGBDSample:
@@ -226,14 +248,9 @@ def write_synthetic(
     from vlm_depth.data.depth_io import write_rgb
     from vlm_depth.data.folder import write_folder_sample
 
-    if num < 1:
-        raise ConfigError(f"--num must be >= 1, got {num}")
-    if scene not in SCENE_KINDS:
-        raise ConfigError(f"--scene must be one of {SCENE_KINDS}, got {scene!r}")
-    _check_size(height, width)
+    check_synth_options(num, height, width, scene, workers, seed)
     workers = workers if workers > 0 else (os.cpu_count() or 1)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(out)
     start = time.perf_counter()
     counts, cpu_s = [], 0.0
     frames = _timed_frames(num, seed, height, width, scene, 0, workers)

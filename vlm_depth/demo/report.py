@@ -11,6 +11,7 @@ from typing import Any
 
 from vlm_depth.demo.demo_config import PROTOCOL, DemoConfig, model_name, readouts
 from vlm_depth.eval import report
+from vlm_depth.files import atomic_write
 from vlm_depth.resources import resource_dir, resource_path
 
 
@@ -229,8 +230,7 @@ def write_report(
         "- data: `data/train`, `data/heldout` (folder format); training log: `train/log.jsonl`",
         "- resolved config: `config.yaml`",
     ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return atomic_write(path, "\n".join(lines) + "\n")
 
 
 def _fmt(value: Any) -> str:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from vlm_depth.config import option
+import yaml
+
+from vlm_depth.config import check_options, option
+from vlm_depth.errors import ConfigError
 
 
 @dataclass
@@ -48,3 +52,32 @@ class EvalConfig:
         default="dataset",
     )
     panels: int = option("compare.png panels (RGB | input | prediction | error) per cell.", default=2)
+    base_model: str = option(
+        "Base model of LoRA checkpoints whose base_model.json names a local folder (a checkpoint never points weight "
+        "loading at a path itself); empty = their Hub id or the run's own tiny base.",
+        default="",
+    )
+    overwrite: bool = option(
+        "Empty --out first when it holds an earlier evaluation (else that is an error).", default=False
+    )
+
+    def __post_init__(self) -> None:
+        """Every option is checked here, before any file is read or written."""
+        check_options(self, {"seed": 0, "max_images": 0, "max_depth": 0, "panels": 0})
+        if self.readout not in ("query", "mdm"):
+            raise ConfigError(f"--readout must be query or mdm, got {self.readout!r}")
+        reader_options(self.options)
+
+
+def reader_options(text: str) -> dict[str, Any]:
+    """The reader keyword arguments of `--options` (a YAML mapping, e.g. `{depth_scale: 256}`); {} when empty."""
+    try:
+        options = yaml.safe_load(text) if text else {}
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"--options is not valid YAML ({err.problem if hasattr(err, 'problem') else err}); "
+            "write a mapping such as '{depth_scale: 256}'"
+        ) from err
+    if not isinstance(options, dict):
+        raise ConfigError(f"--options must be a YAML mapping such as '{{depth_scale: 256}}', got {text!r}")
+    return options

@@ -9,6 +9,7 @@ metrics over the pixels where the input was missing / present. NaN is written as
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,6 +20,7 @@ import numpy as np
 
 from vlm_depth.depth import colorize, depth_range, valid_mask
 from vlm_depth.eval.metrics import METRIC_NAMES
+from vlm_depth.files import atomic_path, atomic_write
 
 # Report columns: (region or None for all pixels, metric, header, decimals). MAE/RMSE in meters, iMAE/iRMSE in
 # 1/km; all lower-is-better except the threshold accuracies.
@@ -56,26 +58,21 @@ def jsonable(value: Any) -> Any:
 
 def write_json(path: str | Path, data: Mapping[str, Any]) -> Path:
     """Write `data` as indented JSON with NaN/inf as null; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(jsonable(data), indent=2) + "\n")
-    return path
+    return atomic_write(path, json.dumps(jsonable(data), indent=2) + "\n")
 
 
 def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     """Write dict rows as CSV (columns: union of keys in first-seen order; NaN as empty); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            values = {k: jsonable(v) for k, v in row.items()}
-            writer.writerow({k: "" if v is None else v for k, v in values.items()})
-    return path
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        values = {k: jsonable(v) for k, v in row.items()}
+        writer.writerow({k: "" if v is None else v for k, v in values.items()})
+    return atomic_write(path, text.getvalue())
 
 
 def flat_row(result: Mapping[str, Any]) -> dict[str, Any]:
@@ -181,8 +178,8 @@ def save_figure(fig, path: str | Path, dpi: int) -> Path:
     """Lay out, write (creating the folder) and close a matplotlib figure; returns the path."""
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
     pyplot().close(fig)
     return path
 
@@ -335,10 +332,7 @@ def write_report(
     if skipped:
         lines += ["", "## Skipped", ""]
         lines += [f"- {s['dataset']} `{s['protocol']}` {s['method']}: {s['reason']}" for s in skipped]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return atomic_write(path, "\n".join(lines) + "\n")
 
 
 def _group(rows: Sequence[Mapping[str, Any]], keys: tuple[str, ...]) -> dict[tuple, list[Mapping[str, Any]]]:

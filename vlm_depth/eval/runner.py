@@ -10,6 +10,9 @@ Output layout under `out`:
     config.yaml, suite.yaml          the resolved command config and suite
     report.md, results.csv           all cells; mae_vs_density.png when a dataset has two or more input densities
     DATASET/PROTOCOL/METHOD/         metrics.json, per_image.csv, compare_NN.png
+Every option, dataset kind, protocol and checkpoint is checked before `out` is claimed (locked; refused when it
+holds an earlier evaluation unless `--overwrite`). A suite of several datasets skips a failing cell with a warning;
+with one dataset the failure is the answer.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from vlm_depth.depth import valid_mask
 from vlm_depth.errors import ConfigError, DataError, ModelError
 from vlm_depth.eval import report
 from vlm_depth.eval.baselines import get_baseline
-from vlm_depth.eval.eval_config import EvalConfig
+from vlm_depth.eval.eval_config import EvalConfig, reader_options
 from vlm_depth.eval.metrics import REGIONS, eval_mask, mean_over_images, parse_crop, region_metrics
 from vlm_depth.eval.suite import (
     DatasetEntry,
@@ -45,8 +48,13 @@ from vlm_depth.eval.suite import (
     model_method,
     split_list,
 )
+from vlm_depth.files import atomic_write, claim_output
+from vlm_depth.model.checkpoint import locate_checkpoint
 
 logger = logging.getLogger(__name__)
+
+# What marks a folder as holding an evaluation (config.yaml is written first).
+MARKERS = ("config.yaml", "suite.yaml", "results.csv", "report.md")
 
 Predictor = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -82,25 +90,17 @@ def suite_from_config(cfg: EvalConfig) -> Suite:
     protocols = tuple(split_list(cfg.protocol))
     if not protocols:
         raise ConfigError("--protocol is empty")
-    options = yaml.safe_load(cfg.options) if cfg.options else {}
-    if not isinstance(options, dict):
-        raise ConfigError(f"--options must be a YAML mapping such as '{{depth_scale: 256}}', got {cfg.options!r}")
+    options = reader_options(cfg.options)
     name = dataset_name(cfg.dataset)
     entry = DatasetEntry(cfg.dataset, name, protocols, cfg.split, cfg.max_depth, cfg.crop, options=options)
     return Suite([entry], methods)
 
 
-def _require_checkpoint(method: Method) -> None:
-    if not Path(method.model).exists():
-        raise ConfigError(f"model checkpoint not found: {method.model} (method {method.name})")
-
-
-def _model_predictor(method: Method) -> Predictor:
+def _model_predictor(method: Method, base_model: str) -> Predictor:
     """The checkpoint's `(rgb, sparse) -> depth` (the uncertainty the predictor also returns is not evaluated)."""
     from vlm_depth.infer.complete import make_predictor
 
-    _require_checkpoint(method)
-    predict = make_predictor(method.model, readout=method.readout)
+    predict = make_predictor(method.model, readout=method.readout, base_model=base_model)
 
     def depth_only(rgb: np.ndarray, sparse: np.ndarray) -> np.ndarray:
         depth, _uncertainty = predict(rgb, sparse)
@@ -110,12 +110,15 @@ def _model_predictor(method: Method) -> Predictor:
 
 
 def _check_suite(suite: Suite, crop_override: str) -> None:
-    """Fail before any work on a malformed protocol or dataset kind, or a missing checkpoint."""
-    from vlm_depth.data import parse_spec
+    """Fail before any work on a malformed protocol or dataset kind, or a missing checkpoint; a suite of one
+    dataset also opens it (its errors are the run's answer, see `run_suite`)."""
+    from vlm_depth.data import load, parse_spec
     from vlm_depth.data.sparsify import parse_protocol
 
     for entry in suite.datasets:
         parse_spec(entry.spec)
+        if len(suite.datasets) == 1:
+            load(entry.spec, split=entry.split or None, **entry.options)
         for protocol in entry.protocols:
             parse_protocol(protocol)
         for crop in (entry.crop, crop_override):
@@ -125,7 +128,7 @@ def _check_suite(suite: Suite, crop_override: str) -> None:
                 raise ConfigError(str(exc)) from exc
     for method in suite.methods:
         if method.model:
-            _require_checkpoint(method)
+            locate_checkpoint(method.model)
 
 
 def _on_one_grid(sample) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, Any, str]:
@@ -298,28 +301,29 @@ def run_suite(suite: Suite, cfg: EvalConfig) -> dict[str, Any]:
     (output paths, headline metrics per cell, skipped cells with reasons, per-metric gaps of `suite.compare`)."""
     check_names(suite, cfg.suite or "command line")
     _check_suite(suite, cfg.crop)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(out, cfg)
-    (out / "suite.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "methods": [asdict(m) for m in suite.methods],
-                "datasets": [{**asdict(d), "protocols": list(d.protocols)} for d in suite.datasets],
-                "compare": [list(p) for p in suite.compare],
-            },
-            sort_keys=False,
-        )
-    )
+    with claim_output(cfg.out, "eval", MARKERS, overwrite=cfg.overwrite) as out:
+        save_config(out, cfg)
+        return _run_suite(suite, cfg, out)
+
+
+def _run_suite(suite: Suite, cfg: EvalConfig, out: Path) -> dict[str, Any]:
+    suite_yaml = {
+        "methods": [asdict(m) for m in suite.methods],
+        "datasets": [{**asdict(d), "protocols": list(d.protocols)} for d in suite.datasets],
+        "compare": [list(p) for p in suite.compare],
+    }
+    atomic_write(out / "suite.yaml", yaml.safe_dump(suite_yaml, sort_keys=False))
     results, skipped = [], []
     for method in suite.methods:
-        predictor = get_baseline(method.baseline) if method.baseline else _model_predictor(method)
+        predictor = get_baseline(method.baseline) if method.baseline else _model_predictor(method, cfg.base_model)
         for entry in suite.datasets:
             for protocol in entry.protocols:
                 cell_dir = out / _slug(entry.name) / _slug(protocol) / _slug(method.name)
                 try:
                     results.append(evaluate_cell(predictor, method, entry, protocol, cfg, cell_dir))
                 except (ConfigError, DataError) as exc:
+                    if len(suite.datasets) == 1:
+                        raise
                     # e.g. a dataset of the suite that is not downloaded: the other cells still run
                     logger.warning("skipping %s | %s | %s: %s", method.name, entry.name, protocol, exc)
                     skip = {"dataset": entry.name, "protocol": protocol, "method": method.name, "reason": str(exc)}

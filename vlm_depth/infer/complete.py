@@ -6,6 +6,7 @@ The command `vlm-depth complete` is `vlm_depth.infer.run_complete`.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,10 +15,12 @@ from typing import Any
 import numpy as np
 
 from vlm_depth.data.sample import RGBDSample
-from vlm_depth.depth import keep_input, require_finite
-from vlm_depth.errors import ConfigError
+from vlm_depth.depth import keep_input, valid_mask
+from vlm_depth.errors import ConfigError, InputTooLargeError
 from vlm_depth.infer.readouts import READOUTS, ReadoutSettings
 from vlm_depth.model.loading import load_model
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,14 +33,24 @@ class CompletionResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def _sparse_on_rgb_grid(rgb: np.ndarray, sparse: np.ndarray | None, name: str) -> np.ndarray:
-    """(H, W) float32 meters on the RGB grid (0 = missing; None = monocular); another resolution is resized by
-    `RGBDSample` (same aspect ratio only, nearest valid value, nothing invented)."""
-    if sparse is None:
-        return np.zeros(rgb.shape[:2], dtype=np.float32)
-    sparse = np.asarray(sparse)
-    require_finite(sparse, name)
-    return RGBDSample(rgb=rgb, depth=sparse, name=name).depth_at_rgb_resolution()
+def check_input_pixels(shape: tuple[int, ...], budget: int, what: str) -> None:
+    """InputTooLargeError when an image of `shape` (H, W[, C]) has more than `budget` pixels (0 = no limit)."""
+    if budget and len(shape) >= 2 and shape[0] * shape[1] > budget:
+        height, width = shape[:2]
+        raise InputTooLargeError(
+            f"{what}: {width}x{height} = {height * width / 1e6:.1f} MP is above the input pixel budget "
+            f"max_input_pixels = {budget / 1e6:.1f} MP (about 250 bytes of memory per pixel); downscale the image "
+            "or raise --max_input_pixels"
+        )
+
+
+def _entered(rgb: np.ndarray, sparse: np.ndarray | None, name: str, budget: int) -> RGBDSample:
+    """The inputs of `complete` as they enter the package: within the pixel budget, then checked and converted by
+    `RGBDSample` (any strides; depth of another resolution with the same aspect ratio is resized later)."""
+    check_input_pixels(np.shape(rgb), budget, name)
+    rgb = np.asarray(rgb)
+    depth = np.zeros(rgb.shape[:2], np.float32) if sparse is None else sparse
+    return RGBDSample(rgb=rgb, depth=depth, name=name)
 
 
 def complete(
@@ -52,17 +65,23 @@ def complete(
     name: str = "input",
 ) -> CompletionResult:
     """Dense metric depth for `rgb` (H, W, 3) uint8 from `sparse` (h, w) float32 meters (0 = missing; None or all
-    zero = monocular; another resolution with the same aspect ratio is resized without inventing values).
+    zero = monocular, the latter with a warning; another resolution with the same aspect ratio is resized without
+    inventing values). Arrays of any strides are accepted.
 
     Returns depth and uncertainty (H, W) float32 meters at the RGB resolution; valid input pixels are returned
     unchanged (uncertainty 0) unless `settings.refine_keep`. `model`: a DepthVLM in eval mode; `processor`: its
-    DepthProcessor; `readout`: a name in `READOUTS`.
+    DepthProcessor; `readout`: a name in `READOUTS`. Raises DataError (ImplausibleDepthError for depth that is not
+    meters) for bad inputs and InputTooLargeError above `settings.max_input_pixels`.
     """
     if readout not in READOUTS:
         raise ConfigError(f"unknown readout {readout!r}; available: {sorted(READOUTS)}")
     settings = settings or ReadoutSettings()
     start = time.perf_counter()
-    sparse = _sparse_on_rgb_grid(rgb, sparse, name)
+    sample = _entered(rgb, sparse, name, settings.max_input_pixels)
+    rgb, given = sample.rgb, sparse is not None
+    sparse = sample.depth_at_rgb_resolution()
+    if given and not valid_mask(sparse).any():
+        logger.warning("%s: no valid depth pixel in the input: completing as monocular", name)
     out = READOUTS[readout](model, processor, rgb, sparse, settings, progress)
     depth, uncertainty = out.depth.astype(np.float32), out.uncertainty.astype(np.float32)
     if not settings.refine_keep:
@@ -73,13 +92,18 @@ def complete(
 
 
 def make_predictor(
-    model_path: str, readout: str = "query", settings: ReadoutSettings | None = None, device: str = "auto"
+    model_path: str,
+    readout: str = "query",
+    settings: ReadoutSettings | None = None,
+    device: str = "auto",
+    base_model: str | None = None,
 ) -> Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """Load a checkpoint once; return `predict(rgb, sparse) -> (depth, uncertainty)`, both (H, W) float32 meters at
-    the RGB resolution (see `complete`)."""
+    """Load a checkpoint once (`base_model`: the base of a LoRA checkpoint, see `load_model`); return
+    `predict(rgb, sparse) -> (depth, uncertainty)`, both (H, W) float32 meters at the RGB resolution (see
+    `complete`)."""
     if readout not in READOUTS:
         raise ConfigError(f"unknown readout {readout!r}; available: {sorted(READOUTS)}")
-    model, processor = load_model(model_path, device=device)
+    model, processor = load_model(model_path, device=device, base_model=base_model or None)
 
     def predict(rgb: np.ndarray, sparse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         result = complete(model, processor, rgb, sparse, readout, settings=settings)

@@ -6,8 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from vlm_depth.config import option
-from vlm_depth.infer.readouts import ReadoutSettings
+from vlm_depth.config import check_options, option
+from vlm_depth.data.depth_io import check_depth_scale
+from vlm_depth.depth import colormap
+from vlm_depth.errors import ConfigError
+from vlm_depth.infer.outputs import parse_range
+from vlm_depth.infer.readouts import READOUTS, ReadoutSettings
 
 
 @dataclass
@@ -38,3 +42,26 @@ class CompleteConfig(ReadoutSettings):
     color_range: str = option("Range of NAME_color.png: auto (per image) or MIN,MAX meters (fixed).", default="auto")
     colormap: str = option("matplotlib colormap of the depth images.", default="turbo")
     device: str = option("auto (cuda if available), cpu or cuda[:N].", default="auto")
+    base_model: str = option(
+        "Base model of a LoRA checkpoint whose base_model.json names a local folder (a checkpoint never points "
+        "weight loading at a path itself); empty = its Hub id or the run's own tiny base.",
+        default="",
+    )
+    overwrite: bool = option(
+        "Empty --out first when it holds an earlier completion (else that is an error).", default=False
+    )
+
+    def __post_init__(self) -> None:
+        """Every option is checked here, before any file is read or written."""
+        super().__post_init__()
+        check_options(self, {"limit": 0, "fov": 0})
+        if self.readout not in READOUTS:
+            raise ConfigError(f"--readout must be one of {sorted(READOUTS)}, got {self.readout!r}")
+        if self.fov >= 180:
+            raise ConfigError(f"--fov must be in (0, 180) degrees, or 0 for no point cloud, got {self.fov}")
+        check_depth_scale(self.depth_scale, "--depth_scale")
+        parse_range(self.color_range)
+        colormap(self.colormap)
+        if self.dataset and (self.depth or self.intrinsics):
+            given = "--depth" if self.depth else "--intrinsics"
+            raise ConfigError(f"{given} applies to an --rgb pair; a --dataset brings its own depth and intrinsics")

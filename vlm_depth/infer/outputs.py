@@ -16,6 +16,7 @@ import numpy as np
 from vlm_depth.data.depth_io import UINT16_MAX, write_depth_npy, write_depth_png, write_rgb
 from vlm_depth.depth import colorize, depth_range, valid_mask
 from vlm_depth.errors import ConfigError
+from vlm_depth.files import atomic_write
 
 Intrinsics = tuple[float, float, float, float]
 
@@ -153,11 +154,7 @@ def write_ply(path: str | Path, points: np.ndarray, colors: np.ndarray) -> Path:
         "property float x\nproperty float y\nproperty float z\n"
         "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n"
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as f:
-        f.write(header.encode("ascii"))
-        f.write(data.tobytes())
-    return path
+    return atomic_write(path, header.encode("ascii") + data.tobytes())
 
 
 def write_completion(

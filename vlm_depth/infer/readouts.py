@@ -14,17 +14,17 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from vlm_depth.config import option
+from vlm_depth.config import check_options, option
 from vlm_depth.depth import valid_mask
 from vlm_depth.errors import ModelError
 from vlm_depth.infer.answers import FLAG_CLIPPED, QueryAnswers
 from vlm_depth.infer.assemble import assemble, cell_pixels, refinement_pixels, stride_for_budget
-from vlm_depth.infer.decoder import QueryDecoder
+from vlm_depth.infer.decoder import Packing, QueryDecoder
 from vlm_depth.prompts.chat import ChatLayout, QueryTokens
 
 logger = logging.getLogger(__name__)
@@ -37,10 +37,21 @@ class ReadoutSettings:
     query_budget: int = option("Grid query budget: the smallest stride with at most this many points.", default=4096)
     stride: int = option("Grid stride in pixels (overrides query_budget when > 0).", default=0)
     refine_queries: int = option("Extra queries at image edges / high uncertainty after the grid.", default=0)
-    refine_by: str = option("What places the extra queries: edges, uncertainty or both.", default="both")
+    refine_by: Literal["edges", "uncertainty", "both"] = option(
+        "What places the extra queries: edges, uncertainty or both.", default="both"
+    )
     max_queries_per_pass: int = option("Queries decoded together against the cached prefix (memory).", default=128)
-    packing: str = option("Decoder layout: batch (a query per row) or packed (a chunk per row).", default="batch")
+    packing: Packing = option("Decoder layout: batch (a query per row) or packed (a chunk per row).", default="batch")
     refine_keep: bool = option("Query valid input pixels too and smooth them (default: keep them).", default=False)
+    max_input_pixels: int = option(
+        "Largest input image in pixels (0 = no limit). A completion needs about 250 bytes of memory per input pixel, "
+        "so the default 16 MP (4K video frames, 12 MP photos) stays near 4 GB; downscale larger images.",
+        default=16_000_000,
+    )
+
+    def __post_init__(self) -> None:
+        minimums = {"query_budget": 1, "stride": 0, "refine_queries": 0, "max_queries_per_pass": 1}
+        check_options(self, minimums | {"max_input_pixels": 0})
 
 
 @dataclass

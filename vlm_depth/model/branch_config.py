@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from vlm_depth.errors import ConfigError
+from vlm_depth.config import typed_values
+from vlm_depth.errors import ConfigError, ModelError
+from vlm_depth.files import atomic_write
 
 CONFIG_NAME = "vlm_depth_config.json"
 
@@ -61,19 +63,27 @@ class DepthBranchConfig:
     mdm_blocks: int = field(default=1, metadata={"help": "MDM head residual conv blocks per level."})
 
     def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / CONFIG_NAME
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True))
-        return path
+        return atomic_write(Path(folder) / CONFIG_NAME, json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, folder: str | Path) -> DepthBranchConfig:
+        """The branch config saved in a checkpoint folder; ModelError naming the file when it is not valid JSON,
+        has unknown keys or values of the wrong type (a damaged checkpoint, not a user option)."""
         path = Path(folder) / CONFIG_NAME
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ModelError(f"{path}: not valid JSON ({err}); re-save the checkpoint") from err
+        if not isinstance(data, dict):
+            raise ModelError(f"{path}: expected a JSON object of branch settings, got {data!r:.40}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
-        return cls(**data)
+            raise ModelError(f"{path}: unknown keys {sorted(unknown)}; a checkpoint of another vlm-depth version?")
+        try:
+            return cls(**typed_values(cls, data, str(path)))
+        except ConfigError as err:
+            raise ModelError(str(err)) from err
 
     @classmethod
     def exists(cls, folder: str | Path) -> bool:

@@ -5,27 +5,33 @@ Training, inference and the benchmarks all load through `load_model`.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from vlm_depth.errors import ConfigError, ModelError
+from vlm_depth.errors import ConfigError, DeviceError
 from vlm_depth.model.branch_config import DepthBranchConfig
+from vlm_depth.model.checkpoint import locate_checkpoint
 from vlm_depth.model.depth_vlm import DepthVLM
 from vlm_depth.model.pointer import add_pointer_token
 from vlm_depth.model.processor import DepthProcessor
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`auto` -> cuda if available else cpu; anything else as given (e.g. `cuda:1`)."""
-    if isinstance(device, torch.device):
-        return device
+    """`auto` -> cuda if available else cpu; anything else as given (e.g. `cuda:1`): ConfigError for a name that is
+    no device, DeviceError for a CUDA/MPS device that this machine does not have."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
-    except RuntimeError as err:
-        raise ConfigError(f"unknown device {device!r}") from err
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"--device {device!r} is not a device; use auto, cpu or cuda[:N]") from err
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (resolved.index or 0) >= count:
+            seen = f"{count} CUDA GPU(s) visible" if count else "no CUDA GPU is visible"
+            raise DeviceError(f"--device {device}: {seen} on this machine; use --device cpu or auto")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"--device {device}: MPS is not available on this machine; use --device cpu or auto")
+    return resolved
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -48,19 +54,17 @@ def load_model(
     adapter_trainable: bool = False,
     max_pixels: int = 0,
     device_map: dict | str | None = None,
+    base_model: str | None = None,
 ) -> tuple[DepthVLM, DepthProcessor]:
     """(DepthVLM in eval mode, DepthProcessor) of the checkpoint folder (or Hub id) `path`.
 
     device: where the model goes (`auto`, `cpu`, `cuda[:N]`), or None to leave it where loading put it (a trainer
     that places it itself, or `device_map`); dtype: default `default_dtype(device)`. branch: the depth-branch config
     of a fresh branch (a plain Qwen2.5-VL; a vlm-depth checkpoint keeps its own). quantization / adapter_trainable /
-    device_map: see `DepthVLM.from_pretrained`. max_pixels: the processor's pixel budget (0 = the checkpoint's).
+    device_map / base_model: see `DepthVLM.from_pretrained` (base_model: the base of a LoRA checkpoint, see
+    `vlm_depth.model.checkpoint`). max_pixels: the processor's pixel budget (0 = the checkpoint's).
     """
-    if not path:
-        raise ConfigError("--model is required: a vlm-depth or Qwen2.5-VL checkpoint folder")
-    local = Path(path)
-    if (local.exists() or local.is_absolute() or path.startswith(".")) and not local.is_dir():
-        raise ModelError(f"{path}: checkpoint folder not found")
+    locate_checkpoint(path)
     target = None if device is None else resolve_device(device)
     extra = {} if device_map is None else {"device_map": device_map}
     model = DepthVLM.from_pretrained(
@@ -68,6 +72,7 @@ def load_model(
         depth_cfg=branch,
         quantization=quantization,
         adapter_trainable=adapter_trainable,
+        base_model=base_model,
         dtype=dtype or default_dtype(target or torch.device("cpu")),
         **extra,
     )

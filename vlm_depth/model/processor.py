@@ -69,10 +69,14 @@ class DepthProcessor:
         """
         from transformers import AutoProcessor
 
+        folder = Path(path)
+        if folder.is_dir() and not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+            raise ModelError(f"{path}: tokenizer files missing (tokenizer.json); save the processor into the folder")
         try:
             processor = AutoProcessor.from_pretrained(str(path))
-        except (OSError, ValueError) as err:
-            raise ModelError(f"{path}: cannot load a Qwen2.5-VL processor ({err})") from err
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelError(f"{path}: cannot load a Qwen2.5-VL processor ({first_line})") from err
         if template is None:
             is_folder = Path(path).is_dir() and DepthBranchConfig.exists(path)
             template = DepthBranchConfig.load(path).template if is_folder else DepthBranchConfig.template

@@ -12,7 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from vlm_depth.errors import ConfigError
+from vlm_depth.files import atomic_dir, fault_point
 from vlm_depth.resources import resource_files
+
+TINY_SETTINGS = "vlm_depth_tiny.yaml"  # the settings of a tiny checkpoint, written last
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -172,6 +176,18 @@ def build_processor(tokenizer, min_pixels: int, max_pixels: int):
     )
 
 
+def check_tiny_settings(
+    hidden_size: int, num_layers: int, vision_depth: int, min_pixels: int, max_pixels: int
+) -> None:
+    """ConfigError for tiny-checkpoint settings that cannot build a working model."""
+    if hidden_size < 32 or hidden_size % 32:
+        raise ConfigError(f"tiny: hidden_size must be a positive multiple of 32 (head_dim 32), got {hidden_size}")
+    if num_layers < 1 or vision_depth < 1:
+        raise ConfigError(f"tiny: num_layers and vision_depth must be >= 1, got {num_layers} and {vision_depth}")
+    if not 0 < min_pixels <= max_pixels:
+        raise ConfigError(f"tiny: need 0 < min_pixels <= max_pixels, got {min_pixels} and {max_pixels}")
+
+
 def build_tiny_checkpoint(
     out: str | Path,
     *,
@@ -184,11 +200,15 @@ def build_tiny_checkpoint(
 ) -> dict[str, Any]:
     """Write the tiny checkpoint folder `out` (random weights from `seed`; text width `hidden_size` with head_dim
     32, `num_layers` text layers, `vision_depth` vision blocks, the processor's pixel budget); returns a summary
-    (path, parameter count, vocabulary size). The settings are recorded in `vlm_depth_tiny.yaml`."""
+    (path, parameter count, vocabulary size). The settings are recorded in `vlm_depth_tiny.yaml`, written last.
+
+    The folder appears whole or not at all (built beside it, then renamed), and the global torch RNG is left as it
+    was: a training process that builds its base gives the same run as one that finds it built."""
     import torch
     import yaml
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
+    check_tiny_settings(hidden_size, num_layers, vision_depth, min_pixels, max_pixels)
     out = Path(out)
     settings = dict(
         out=str(out),
@@ -201,8 +221,9 @@ def build_tiny_checkpoint(
     )
     tokenizer = build_tokenizer()
     config = tiny_config(tokenizer, hidden_size, num_layers, vision_depth)
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config).eval()
     text = config.text_config
     model.generation_config = GenerationConfig(
         bos_token_id=text.bos_token_id,
@@ -210,9 +231,11 @@ def build_tiny_checkpoint(
         pad_token_id=text.pad_token_id,
         do_sample=False,
     )
-    model.save_pretrained(out, safe_serialization=True)
-    build_processor(tokenizer, min_pixels, max_pixels).save_pretrained(out)
-    (out / "vlm_depth_tiny.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        fault_point("tiny-base")
+        build_processor(tokenizer, min_pixels, max_pixels).save_pretrained(tmp)
+        (tmp / TINY_SETTINGS).write_text(yaml.safe_dump(settings, sort_keys=False))
     return {
         "out": str(out),
         "parameters": sum(p.numel() for p in model.parameters()),

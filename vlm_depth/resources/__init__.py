@@ -58,8 +58,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    with path.open() as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with path.open() as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:  # syntax errors and tags such as !!python/object (safe_load refuses them)
+        where = getattr(err, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}:{line} not plain YAML ({problem}); only plain values, lists and mappings") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err})") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a YAML mapping of key: value, got {type(data).__name__}")
     return data

@@ -19,7 +19,13 @@ from vlm_depth.config import save_config
 from vlm_depth.errors import ConfigError
 from vlm_depth.train.collator import Batch, ExampleBuilder, QuerySpec, collate_packed
 from vlm_depth.train.mdm import mdm_spec, prepare_mdm_model
-from vlm_depth.train.resume import register_weight_hooks, resolve_resume, restore_checkpoint
+from vlm_depth.train.resume import (
+    checkpoint_step,
+    prepare_log,
+    register_weight_hooks,
+    resolve_resume,
+    restore_checkpoint,
+)
 from vlm_depth.train.step import PackedModel
 from vlm_depth.train.stream import PackedQueryStream
 from vlm_depth.train.train_config import TrainConfig
@@ -90,12 +96,14 @@ def base_checkpoint(cfg: TrainConfig, accelerator: Accelerator | None = None) ->
     """`cfg.model`, or for `tiny` the offline tiny checkpoint built once into OUT/tiny-base (by the main process)."""
     if cfg.model != "tiny":
         return cfg.model
-    from vlm_depth.model.tiny import build_tiny_checkpoint
+    from vlm_depth.model.tiny import TINY_SETTINGS, build_tiny_checkpoint
 
     folder = Path(cfg.out) / "tiny-base"
     main = accelerator is None or accelerator.is_main_process
     with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
-        if main and not (folder / "config.json").is_file():
+        if main and not (folder / TINY_SETTINGS).is_file():
+            if folder.exists():  # only a build of an older version can be interrupted in place
+                logger.warning("%s is incomplete (an interrupted build): rebuilding it", folder)
             build_tiny_checkpoint(folder, seed=cfg.seed)
     return str(folder)
 
@@ -166,6 +174,15 @@ def make_optimizer(cfg: TrainConfig, model: DepthVLM, max_steps: int):
     optimizer = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg, max_steps=max_steps))
     return optimizer, scheduler
+
+
+def check_datasets(cfg: TrainConfig) -> None:
+    """ConfigError for a malformed reader spec of `dataset` or `val_dataset`, before anything is written."""
+    from vlm_depth.data import parse_spec
+
+    for spec in f"{cfg.dataset},{cfg.val_dataset}".split(","):
+        if spec.strip():
+            parse_spec(spec.strip())
 
 
 def open_images(spec: str, split: str, limit: int, seed: int):
@@ -239,8 +256,6 @@ def setup(cfg: TrainConfig) -> Run:
     set_seed(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    if accelerator.is_main_process:
-        save_config(cfg.out, cfg)
     model, processor = load_for_training(cfg, accelerator)
     layout = ChatLayout.from_branch_config(processor.tokenizer, model.depth_cfg)
     images = open_images(cfg.dataset, cfg.split, cfg.num_images, cfg.seed)
@@ -265,9 +280,17 @@ def setup(cfg: TrainConfig) -> Run:
     )
     resume = resolve_resume(cfg.out, cfg.resume_from)
     if resume is not None:
+        step = checkpoint_step(resume)
+        if step > max_steps:
+            raise ConfigError(
+                f"the checkpoint {resume} (step {step}) is past --max_steps {max_steps}: raise --max_steps, or start "
+                "over with --overwrite"
+            )
         run.start_step = restore_checkpoint(accelerator, resume)
         logger.info("resumed from %s at step %d", resume, run.start_step)
     if accelerator.is_main_process:
+        prepare_log(cfg.out, run.start_step, resume, cfg.resume_from)
+        save_config(cfg.out, cfg)
         accelerator.init_trackers("vlm-depth", config=_tracker_config(cfg))
     return run
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vlm_depth.errors import VlmDepthError
+from vlm_depth.errors import DataError, VlmDepthError
 from vlm_depth.train.collator import IGNORE_INDEX, Batch, num_queries
 from vlm_depth.train.losses import AnswerLosses, answer_losses, supervised_positions
 from vlm_depth.train.mdm import MDM_SUMS, batch_mdm_loss, mdm_log_row, mdm_loss_weight, mdm_predictions
@@ -90,7 +90,13 @@ def train_step(run: Run, micro_batches: list[Batch], step: int) -> dict[str, flo
         dtype=torch.float64,
         device=acc.device,
     )
-    n_tokens, n_queries, n_mdm, n_fill = (max(float(x), 1.0) for x in acc.reduce(local, reduction="sum"))
+    counts = acc.reduce(local, reduction="sum")
+    if float(counts[2] if cfg.mdm_mode == "head_only" else counts[1]) == 0:
+        raise DataError(
+            f"step {step}: no labelled pixel in any image of the batch: no valid depth to learn from "
+            f"(label_source {cfg.label_source}); check the dataset and its depth_scale"
+        )
+    n_tokens, n_queries, n_mdm, n_fill = (max(float(x), 1.0) for x in counts)
     # ce, l1, fill-query l1, then the MDM sums (MDM_SUMS); text terms are 0 in MDM head_only mode
     sums = torch.zeros(3 + len(MDM_SUMS), dtype=torch.float64, device=acc.device)
     zero = torch.zeros((), device=acc.device)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from vlm_depth.config import option, pick
+from vlm_depth.config import check_options, option, pick
 from vlm_depth.errors import ConfigError
 from vlm_depth.model.branch_config import DepthBranchConfig
 
@@ -165,14 +165,26 @@ class TrainConfig(DepthBranchConfig):
         "Resume: `latest` (newest checkpoint in OUT/checkpoints) or a checkpoint folder; empty = fresh run.",
         default="",
     )
+    overwrite: bool = option(
+        "Start over in an OUT that holds a run (log.jsonl, checkpoints, final/): empty it first. Without it a fresh "
+        "run refuses such a folder.",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
-        positive = ("queries_per_image", "batch_size", "grad_accum", "log_every", "lora_r")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train: {name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps < 0 or (self.max_steps == 0 and self.epochs <= 0):
+        """Every option is checked here, before anything loads or is written."""
+        positive = ("queries_per_image", "batch_size", "grad_accum", "log_every", "lora_r", "keep_checkpoints")
+        positive += ("val_queries_per_image", "step_every")
+        nonnegative = ("max_steps", "save_every", "eval_every", "stop_at_step", "warmup_steps", "num_images")
+        nonnegative += ("num_val_images", "max_pixels", "seed", "num_workers", "num_threads", "lr_branch")
+        nonnegative += ("lr_backbone", "weight_decay", "max_grad_norm", "numeric_loss_weight", "mdm_weight", "epochs")
+        check_options(self, dict.fromkeys(positive, 1) | dict.fromkeys(nonnegative, 0))
+        if self.max_steps == 0 and self.epochs <= 0:
             raise ConfigError("train: set max_steps > 0 or epochs > 0")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.overwrite and self.resume_from:
+            raise ConfigError("--overwrite starts over and --resume_from continues: give one of them")
         if not 0 <= self.keep_ratio <= 1 or not 0 < self.holdout_ratio < 1:
             raise ConfigError("train: keep_ratio must be in [0, 1] and holdout_ratio in (0, 1)")
         if self.finetune == "qlora" and self.train_vision:

@@ -2,30 +2,38 @@
 
 Runs as one process or under `accelerate launch` (DDP; CPU/gloo or GPUs). The pieces: `vlm_depth.train.setup`
 (the run: model, data, optimiser, resume), `vlm_depth.train.step` (one optimiser step and its loss normalisation over
-the global batch), `vlm_depth.train.validate` (held-out greedy answers), `vlm_depth.train.resume` (checkpoints).
+the global batch), `vlm_depth.train.validate` (held-out greedy answers), `vlm_depth.train.resume` (log, checkpoints).
+
+The run folder is claimed first (`vlm_depth.files.claim_output`, by the main process): locked against a second
+writer, and a fresh run refuses a folder that holds a run (log.jsonl, checkpoints, final/) unless `--overwrite`;
+`--resume_from latest` continues it.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
+import os
 import time
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from vlm_depth.files import claim_output, fault_point
 from vlm_depth.train.collator import collate_packed
-from vlm_depth.train.resume import save_checkpoint, save_final
-from vlm_depth.train.setup import Run, setup
+from vlm_depth.train.resume import append_log, resumes_in, save_checkpoint, save_final
+from vlm_depth.train.setup import Run, check_datasets, setup
 from vlm_depth.train.step import to_device, train_step
 from vlm_depth.train.stream import StepBatchSampler
 from vlm_depth.train.train_config import TrainConfig
 from vlm_depth.train.validate import record_validation
 
 logger = logging.getLogger(__name__)
+
+# What marks a folder as holding a training run (tiny-base/ or config.yaml alone hold nothing to lose).
+MARKERS = ("log.jsonl", "checkpoints/step-*", "final")
 
 
 def make_loader(run: Run) -> torch.utils.data.DataLoader:
@@ -52,9 +60,6 @@ def fit(run: Run) -> None:
 
     cfg, acc = run.cfg, run.accelerator
     last = run.last_step
-    log_path = Path(cfg.out) / "log.jsonl"
-    if acc.is_main_process:
-        _truncate_log(log_path, run.start_step)
     bar = tqdm(total=last, initial=run.start_step, disable=not acc.is_main_process, desc="train", unit="step")
     loader = iter(make_loader(run))
     run.packed.train()
@@ -67,8 +72,8 @@ def fit(run: Run) -> None:
             run.history.append(row)
             acc.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
             if acc.is_main_process:
-                with log_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                fault_point(f"step@{step}")
+                append_log(cfg.out, row, fault=f"log@{step}")
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", mae=f"{row['mae']:.3f}", qps=f"{row['queries_per_s']:.1f}")
                 if step % cfg.log_every == 0:
@@ -81,28 +86,31 @@ def fit(run: Run) -> None:
         bar.close()
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log rows after `step` (left by a run that went on past its last checkpoint)."""
-    if not path.is_file():
-        return
-    rows = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(r + "\n" for r in rows))
+def claim_run_folder(cfg: TrainConfig) -> contextlib.AbstractContextManager:
+    """The main process's hold on OUT (see the module docstring); other processes of a launch hold nothing."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    hint = "continue it with --resume_from latest or start over with --overwrite (deletes it)"
+    reuse = resumes_in(cfg.out, cfg.resume_from)
+    return claim_output(cfg.out, "train", MARKERS, overwrite=cfg.overwrite, reuse=reuse, hint=hint)
 
 
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Train per `cfg`; returns a JSON-able summary (steps, first/last losses, validation, output folders)."""
     tic = time.perf_counter()
-    run = setup(cfg)
-    try:
-        fit(run)
-        finished = run.last_step == run.max_steps
-        val = record_validation(run, run.last_step) if finished else None
-        final = None
-        if finished and run.accelerator.is_main_process:
-            final = save_final(run.model, run.processor, cfg.out)
-        run.accelerator.wait_for_everyone()
-    finally:
-        run.accelerator.end_training()
+    check_datasets(cfg)
+    with claim_run_folder(cfg):
+        run = setup(cfg)
+        try:
+            fit(run)
+            finished = run.last_step == run.max_steps
+            val = record_validation(run, run.last_step) if finished else None
+            final = None
+            if finished and run.accelerator.is_main_process:
+                final = save_final(run.model, run.processor, cfg.out)
+            run.accelerator.wait_for_everyone()
+        finally:
+            run.accelerator.end_training()
     window = min(20, max(len(run.history) // 2, 1))
     head, tail = run.history[:window], run.history[-window:]
     return {

@@ -5,9 +5,7 @@ CE and expectation MAE, and, with an MDM head, its losses."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,6 +15,7 @@ from vlm_depth.train.collator import IGNORE_INDEX, Batch, num_queries
 from vlm_depth.train.losses import answer_losses, supervised_positions
 from vlm_depth.train.mdm import validate_mdm
 from vlm_depth.train.packed import packed_forward
+from vlm_depth.train.resume import append_log
 from vlm_depth.train.step import to_device
 
 if TYPE_CHECKING:
@@ -108,8 +107,7 @@ def record_validation(run: Run, step: int) -> dict[str, float] | None:
             metrics |= validate_mdm(run.model, run.val_batches, run.processor.image_processor, run.cfg.mdm_loss)
         row = {"step": step, "split": "val", **metrics}
         acc.log({f"val/{k}": v for k, v in row.items() if k not in ("step", "split")}, step=step)
-        with (Path(run.cfg.out) / "log.jsonl").open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_log(run.cfg.out, row)
         logger.info("step %d validation: %s", step, row)
     acc.wait_for_everyone()
     return row
