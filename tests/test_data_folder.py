@@ -74,6 +74,26 @@ def test_depth_scale_option_reads_other_png_encodings(tmp_path):
     np.testing.assert_allclose(mm.depth, kitti.depth * 256 / 1000, rtol=1e-6)
 
 
+def test_integer_depth_read_with_a_too_small_scale_warns_once_naming_the_scale(tmp_path, caplog, monkeypatch):
+    from vlm_depth.data import depth_io
+
+    monkeypatch.setattr(depth_io, "_warned_scales", set())
+    millimetres = np.full((24, 32), 2500, np.uint16)  # a room 2.5 m away
+    millimetres[:4] = 0
+    for name in ("a", "b"):
+        cv2.imwrite(str(tmp_path / f"{name}.png"), millimetres)
+    with caplog.at_level(logging.WARNING, logger="vlm_depth.data.depth_io"):
+        assert float(read_depth(tmp_path / "a.png", 1000).max()) == 2.5
+        assert not caplog.records
+        assert float(read_depth(tmp_path / "a.png", 10).max()) == 250.0  # plausible (< 1 km), but unlikely
+        read_depth(tmp_path / "b.png", 10)
+    (warning,) = caplog.records  # once per scale, not once per frame
+    assert (
+        "depth_scale 10 has a median of 250 m" in warning.getMessage()
+        and "1000 for millimetres" in warning.getMessage()
+    )
+
+
 def test_reader_options_travel_in_the_spec_with_their_types(tmp_path):
     original = _sample()
     write_folder_sample(tmp_path / "f", original, depth_scale=256.0)

@@ -26,7 +26,6 @@ about 2 minutes for both tests on a 2-core machine.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from runs import training_log
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,13 +97,6 @@ def finish(out: Path, attempt: int) -> None:
     assert rc == 0, f"final resume failed (exit {rc}):\n{tail(out, attempt)}"
 
 
-def training_rows(out: Path) -> list[dict]:
-    """log.jsonl training rows without the timing column (queries_per_s differs between runs)."""
-    lines = (out / "log.jsonl").read_text().splitlines()
-    rows = [json.loads(line) for line in lines]
-    return [{k: v for k, v in r.items() if k != "queries_per_s"} for r in rows if "split" not in r]
-
-
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
     found = {}
     for path in sorted(folder.glob("*.safetensors")):
@@ -113,7 +106,7 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_same_run(reference: Path, out: Path, note: str) -> None:
-    rows_a, rows_b = training_rows(reference), training_rows(out)
+    rows_a, rows_b = training_log(reference, timed=False), training_log(out, timed=False)
     assert [r["step"] for r in rows_b] == list(range(1, STEPS + 1)), f"{note}: log steps {[r['step'] for r in rows_b]}"
     for a, b in zip(rows_a, rows_b):
         assert a == b, f"{note}: log row of step {a['step']} differs:\n{a}\n{b}"
@@ -130,7 +123,7 @@ def reference(tmp_path_factory) -> Path:
     """The uninterrupted run."""
     out = tmp_path_factory.mktemp("kill") / "reference"
     finish(out, 0)
-    assert training_rows(out)[-1]["step"] == STEPS and (out / "final").is_dir()
+    assert training_log(out, timed=False)[-1]["step"] == STEPS and (out / "final").is_dir()
     return out
 
 

@@ -503,33 +503,23 @@ def test_joint_training_logs_both_losses_and_trains_branch_and_head(tiny_ckpt, t
 def test_joint_mdm_two_processes_match_one_process(tiny_ckpt, tmp_path):
     """DDP (2 processes over gloo, batch 1 each) and one process (batch 2) give the same first-step losses: the MDM
     term is normalised over the global batch and its forward goes through the one DDP-wrapped forward."""
-    import json
     import os
-    import socket
     import subprocess
     import sys
+
+    from runs import launch_two, training_log
 
     recipe = Path(__file__).resolve().parents[1] / "train" / "tiny-synthetic.yaml"
     common = ["train", "--config", str(recipe), "--model", str(tiny_ckpt), "--val_dataset", "", "--max_steps", "1"]
     common += ["--dataset", "synthetic:4?height=48&width=64&seed=0", "--mdm_mode", "joint", "--mdm_head", "true"]
     common += ["--mdm_width", "32", "--mdm_levels", "2", "--mdm_loss", "balanced_si"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", str(port), "-m", "vlm_depth"]
-    rows = {}
-    for name, command in (
-        ("two", [*launch, *common, "--batch_size", "1"]),
-        ("one", [sys.executable, "-m", "vlm_depth", *common, "--batch_size", "2"]),
-    ):
-        done = subprocess.run(
-            [*command, "--out", str(tmp_path / name)], env=env, capture_output=True, text=True, timeout=600
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        rows[name] = json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[0])
+    two = launch_two("ddp.yaml", [*common, "--batch_size", "1", "--out", str(tmp_path / "two")], env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = [sys.executable, "-m", "vlm_depth", *common, "--batch_size", "2", "--out", str(tmp_path / "one")]
+    done = subprocess.run(one, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {name: training_log(tmp_path / name)[0] for name in ("one", "two")}
     for key in ("loss", "ce", "mdm_loss", "mdm_l1_masked", "mdm_l1_visible"):
         assert rows["two"][key] == pytest.approx(rows["one"][key], abs=1e-4), key
     assert rows["two"]["grad_norm"] == pytest.approx(rows["one"]["grad_norm"], rel=1e-3)  # (fusion BatchNorm)

@@ -86,3 +86,19 @@ def test_pyproject_ships_every_package_and_data_folder():
     extras = project["project"]["optional-dependencies"]
     assert any(r.startswith("bitsandbytes") for r in extras["qlora"])
     assert {"pytest", "ruff", "bitsandbytes"} <= {r.split(">")[0].split("=")[0] for r in extras["dev"]}
+
+
+def test_accelerate_configs_load_in_accelerate_and_name_their_engine():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    engines = {}
+    for path in resource_files("launch"):
+        config = load_config_from_file(str(path))  # accelerate's own reader: unknown keys are errors
+        engines[path.stem] = (config.distributed_type.value, (config.deepspeed_config or {}).get("zero_stage"))
+        assert config.fsdp_config in (None, {})  # vlm-depth shards itself (`--sharding fsdp`), never the plugin
+    assert engines == {
+        "ddp": ("MULTI_GPU", None),
+        "fsdp": ("MULTI_GPU", None),
+        "deepspeed_zero2": ("DEEPSPEED", 2),
+        "deepspeed_zero3": ("DEEPSPEED", 3),
+    }

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from runs import launch_two, training_log
 from safetensors.torch import load_file
 
 from vlm_depth import cli
@@ -43,11 +43,6 @@ def _config(tiny_ckpt, out, *overrides: str) -> TrainConfig:
     return parse_config(TrainConfig, args + list(overrides))
 
 
-def _log(out) -> list[dict]:
-    rows = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
-    return [r for r in rows if "split" not in r]
-
-
 @pytest.mark.slow
 def test_tiny_recipe_loss_and_mae_fall_and_checkpoint_loads(tiny_ckpt, tmp_path, capsys):
     from vlm_depth.model.depth_vlm import DepthVLM
@@ -57,7 +52,7 @@ def test_tiny_recipe_loss_and_mae_fall_and_checkpoint_loads(tiny_ckpt, tmp_path,
     args = ["train", "--config", str(RECIPE), "--model", str(tiny_ckpt), "--out", str(out), "--max_steps", "200"]
     assert cli.main(args) == 0
     summary = json.loads(capsys.readouterr().out)
-    rows = _log(out)
+    rows = training_log(out)
     assert [r["step"] for r in rows] == list(range(1, 201))
     first, last = rows[:20], rows[-20:]
     for key, factor in (("loss", 0.5), ("mae", 0.7)):
@@ -104,9 +99,9 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_ckpt, tmp_path
     assert a.keys() == b.keys() and any("lora" in k for k in a)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
-    losses_a = [r["loss"] for r in _log(straight)][10:]
-    losses_b = [r["loss"] for r in _log(split)][10:]
-    assert [r["step"] for r in _log(split)] == list(range(1, 21))
+    losses_a = [r["loss"] for r in training_log(straight)][10:]
+    losses_b = [r["loss"] for r in training_log(split)][10:]
+    assert [r["step"] for r in training_log(split)] == list(range(1, 21))
     np.testing.assert_allclose(losses_b, losses_a, rtol=0, atol=1e-6)
     assert any(not torch.equal(a[k], _trainable(straight, 10)[k]) for k in a)  # steps 11-20 did train
 
@@ -125,7 +120,7 @@ def test_label_free_run_trains_with_nan_ground_truth(tiny_ckpt, tmp_path):
     out = tmp_path / "poisoned"
     spec = "poisoned-synthetic:4?height=48&width=64&seed=0"
     summary = run_train(_config(tiny_ckpt, out, "--dataset", spec, "--max_steps", "3", "--label_source", "sparse"))
-    rows = _log(out)
+    rows = training_log(out)
     assert len(rows) == 3 and all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
     assert summary["final"] is not None
 
@@ -143,29 +138,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_ckpt, tmp_path
     assert not (out / "final").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_ckpt, tmp_path):
     common = ["train", "--config", str(RECIPE), "--model", str(tiny_ckpt), "--val_dataset", ""]
     common += ["--dataset", SMALL, "--max_steps", "2", "--save_every", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    # accelerate 1.15's `--cpu` launcher starts one process unless MPI is set up; `--multi_gpu` is torchrun, and
-    # without CUDA the run's Accelerator(cpu=True) makes it DDP over gloo on the CPU.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", str(_free_port()), "-m", "vlm_depth"]
-    two = subprocess.run(
-        [*launch, *common, "--out", str(tmp_path / "two"), "--batch_size", "1"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    two = launch_two("ddp.yaml", [*common, "--out", str(tmp_path / "two"), "--batch_size", "1"], env)
     assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run(
         [sys.executable, "-m", "vlm_depth", *common, "--out", str(tmp_path / "one"), "--batch_size", "2"],
@@ -175,7 +153,35 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_ckpt, t
         timeout=600,
     )
     assert one.returncode == 0, one.stderr[-3000:]
-    row_two, row_one = _log(tmp_path / "two")[0], _log(tmp_path / "one")[0]
+    row_two, row_one = training_log(tmp_path / "two")[0], training_log(tmp_path / "one")[0]
     assert row_two["queries"] == row_one["queries"]
     assert row_two["loss"] == pytest.approx(row_one["loss"], abs=1e-4)
     assert row_two["mae"] == pytest.approx(row_one["mae"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one_process_and_resume_bit_identically(tiny_ckpt, tmp_path):
+    common = ["train", "--config", str(RECIPE), "--model", str(tiny_ckpt), "--val_dataset", "", "--dataset", SMALL]
+    common += ["--finetune", "full", "--max_steps", "2", "--save_every", "1", "--log_level", "warning"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    sharded = [*common, "--sharding", "fsdp", "--batch_size", "1"]
+    for args in (["--out", tmp_path / "fsdp"], ["--out", tmp_path / "cut", "--stop_at_step", "1"]):
+        run = launch_two("fsdp.yaml", [*sharded, *map(str, args)], env)
+        assert run.returncode == 0, run.stderr[-3000:]
+    resumed = launch_two("fsdp.yaml", [*sharded, "--out", str(tmp_path / "cut"), "--resume_from", "latest"], env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert cli.main([*common, "--out", str(tmp_path / "one"), "--batch_size", "2"]) == 0
+
+    fsdp, one = training_log(tmp_path / "fsdp"), training_log(tmp_path / "one")
+    assert fsdp[0]["queries"] == one[0]["queries"]
+    assert fsdp[0]["loss"] == pytest.approx(one[0]["loss"], abs=1e-4)  # same global batch, sharded over 2
+    assert fsdp[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-4)
+    assert (tmp_path / "fsdp" / "checkpoints" / "step-0000002" / "optimizer.safetensors").is_file()
+    # stopped after step 1 and resumed from its FSDP checkpoint: the same run
+    assert training_log(tmp_path / "cut", timed=False) == training_log(tmp_path / "fsdp", timed=False)
+    for name in ("model.safetensors", "depth_branch.safetensors"):
+        a, b = load_file(tmp_path / "fsdp" / "final" / name), load_file(tmp_path / "cut" / "final" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    from vlm_depth.model.depth_vlm import DepthVLM
+
+    DepthVLM.from_pretrained(tmp_path / "fsdp" / "final")  # the gathered weights are a whole checkpoint

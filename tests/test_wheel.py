@@ -26,10 +26,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from vlm_depth.resources import KINDS
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-KINDS = ("prompts", "train", "infer", "eval")
 # Entries of this environment's site-packages left out of the wheel's environment (lowercase name prefixes).
 NOT_LINKED = ("vlm_depth", "vlm-depth", "__editable__", "bitsandbytes", "qwen_vl_utils")
 BNB_WARNINGS = ("bitsandbytes", "gemm_4bit")

@@ -9,6 +9,7 @@ measurements.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -22,6 +23,14 @@ from vlm_depth.errors import ConfigError, DataError
 from vlm_depth.files import atomic_path, atomic_write
 
 UINT16_MAX = 65535
+# A depth map whose median is this far is more likely integer units read with the wrong scale than a real scene
+# (KITTI's median is ~15 m; sky and far road stay out of the sparse/GT maps or are a minority of pixels).
+SUSPICIOUS_MEDIAN_M = 100.0
+
+SCALE_HINT = "units per meter: 1000 for millimetres, 256 for KITTI/VOID, 5000 for TUM, 100 for Virtual KITTI 2"
+
+logger = logging.getLogger(__name__)
+_warned_scales: set[float] = set()  # one unit warning per scale, not one per frame of a dataset
 HDF5_SUFFIXES = (".h5", ".hdf5")
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
 
@@ -36,21 +45,26 @@ def check_depth_scale(scale: object, what: str = "depth_scale") -> float:
     > 0 (an infinite scale would turn every depth into 0, i.e. silently monocular)."""
     number = isinstance(scale, (int, float, np.number)) and not isinstance(scale, bool)
     if not number or not math.isfinite(scale) or scale <= 0:
-        raise ConfigError(
-            f"{what} must be a finite number > 0 (units per meter: 1000 for millimetres, 256 for KITTI/VOID), "
-            f"got {scale!r}"
-        )
+        raise ConfigError(f"{what} must be a finite number > 0 ({SCALE_HINT}), got {scale!r}")
     return float(scale)
 
 
 def _integer_to_meters(values: np.ndarray, scale: float | None, path: Path) -> np.ndarray:
     if scale is None:
-        raise ConfigError(
-            f"{path}: integer depth ({values.dtype}) needs a scale (units per meter: 1000 for millimetres, "
-            "256 for KITTI/VOID, 5000 for TUM, 100 for Virtual KITTI 2)"
-        )
+        raise ConfigError(f"{path}: integer depth ({values.dtype}) needs a scale ({SCALE_HINT})")
     scale = check_depth_scale(scale, f"{path}: the depth scale (--depth_scale)")
-    return (values.astype(np.float64) / scale).astype(np.float32)
+    meters = (values.astype(np.float64) / scale).astype(np.float32)
+    measured = meters[meters > 0]
+    if scale not in _warned_scales and measured.size and (median := float(np.median(measured))) > SUSPICIOUS_MEDIAN_M:
+        _warned_scales.add(scale)
+        logger.warning(
+            "%s: integer depth / depth_scale %g has a median of %.0f m: is the scale right? (%s)",
+            path,
+            scale,
+            median,
+            SCALE_HINT,
+        )
+    return meters
 
 
 def array_to_meters(values: np.ndarray, scale: float | None, path: Path | str) -> np.ndarray:

@@ -95,9 +95,9 @@ def locate_checkpoint(path: str) -> str:
     return path
 
 
-def load_exact_state(module: nn.Module, path: Path, expected: set[str], mismatch: str) -> None:
-    """Load the safetensors file `path` into `module` (non-strict); its tensor names must be exactly `expected`,
-    else ModelError naming the file, `mismatch` saying what it should have matched."""
+def read_exact_state(path: Path, expected: set[str], mismatch: str) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file `path`, whose names must be exactly `expected`, else ModelError naming
+    the file, `mismatch` saying what it should have matched."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -110,12 +110,20 @@ def load_exact_state(module: nn.Module, path: Path, expected: set[str], mismatch
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise ModelError(f"{path}: {mismatch} (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    module.load_state_dict(state, strict=False)
+    return state
 
 
-def save_depth_vlm(model, out: Path, save_base: Callable[..., None], **kwargs: Any) -> None:
+def load_exact_state(module: nn.Module, path: Path, expected: set[str], mismatch: str) -> None:
+    """`read_exact_state` loaded into `module` (non-strict)."""
+    module.load_state_dict(read_exact_state(path, expected, mismatch), strict=False)
+
+
+def save_depth_vlm(
+    model, out: Path, save_base: Callable[..., None], state: dict[str, torch.Tensor] | None = None, **kwargs: Any
+) -> None:
     """Write the DepthVLM `model` into the folder `out`; `save_base` is Hugging Face's `save_pretrained` bound to
-    it (the base weights or the LoRA adapter), `kwargs` go to it."""
+    it (the base weights or the LoRA adapter), `kwargs` go to it; `state`: the weights to write (a
+    `state_dict()`), default the model's own."""
     from safetensors.torch import save_file
 
     if model.depth_branch is None:
@@ -132,9 +140,9 @@ def save_depth_vlm(model, out: Path, save_base: Callable[..., None], **kwargs: A
     else:
         if getattr(model, "hf_quantizer", None) is not None:
             raise ModelError(f"{out}: a quantized model is saved as a LoRA adapter only (apply_lora first)")
-        save_base(out, state_dict=model.base_state_dict(), **kwargs)
+        save_base(out, state_dict=model.base_state_dict(state), **kwargs)
     with atomic_path(out / BRANCH_FILE) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.branch_state_dict().items()}, str(tmp))
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.branch_state_dict(state).items()}, str(tmp))
     model.depth_cfg.save(out)
 
 

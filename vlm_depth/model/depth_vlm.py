@@ -358,24 +358,28 @@ class DepthVLM(Qwen2_5_VLForConditionalGeneration):
         )
 
     # ------------------------------------------------------------------ save / load
-    def branch_state_dict(self) -> dict[str, torch.Tensor]:
-        """Parameters and buffers of the depth branch (names as in `state_dict()`)."""
-        return {k: v for k, v in self.state_dict().items() if is_branch_key(k)}
+    def branch_state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Parameters and buffers of the depth branch (names as in `state_dict()`), from `state` if given."""
+        return {k: v for k, v in (state or self.state_dict()).items() if is_branch_key(k)}
 
-    def base_state_dict(self) -> dict[str, torch.Tensor]:
-        """Qwen2.5-VL weights under their original names (patch embedding unwrapped, branch left out)."""
+    def base_state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Qwen2.5-VL weights under their original names (patch embedding unwrapped, branch left out), from `state`
+        (a `state_dict()`) if given."""
         return {
             k.replace(WRAPPED_PATCH_EMBED, ".patch_embed."): v
-            for k, v in self.state_dict().items()
+            for k, v in (state or self.state_dict()).items()
             if not is_branch_key(k)
         }
 
-    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
+    def save_pretrained(
+        self, save_directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None, **kwargs: Any
+    ) -> None:
         """Write a vlm-depth checkpoint (`vlm_depth.model.checkpoint.save_depth_vlm`): base weights (full fine-tune)
         or the LoRA adapter + a `base_model.json` reference, then `depth_branch.safetensors` and
-        `vlm_depth_config.json`. Safetensors only."""
+        `vlm_depth_config.json`. Safetensors only. `state_dict`: the weights to write instead of the model's own
+        (e.g. gathered from a sharded model)."""
         kwargs.pop("safe_serialization", None)
-        save_depth_vlm(self, Path(save_directory), super().save_pretrained, **kwargs)
+        save_depth_vlm(self, Path(save_directory), super().save_pretrained, state=state_dict, **kwargs)
 
     def load_branch(self, folder: str | Path) -> None:
         """Load `depth_branch.safetensors` from `folder`; every branch tensor must be present, nothing else."""

@@ -1,5 +1,6 @@
-"""The data folders: prompt templates (`prompts/`), training recipes (`train/`), inference presets (`infer/`) and
-evaluation suites (`eval/`), found by name; and the one YAML reader of configs, recipes, templates and suites.
+"""The data folders: prompt templates (`prompts/`), training recipes (`train/`), inference presets (`infer/`),
+evaluation suites (`eval/`) and `accelerate launch` configs (`launch/`), found by name; and the one YAML reader of
+configs, recipes, templates and suites.
 
 The repository's top-level folders are the single source of truth. A wheel carries them as package data under
 `vlm_depth/resources/<kind>/` (pyproject.toml maps each folder there), read with `importlib.resources`; a source
@@ -16,7 +17,7 @@ import yaml
 
 from vlm_depth.errors import ConfigError
 
-KINDS = ("prompts", "train", "infer", "eval")
+KINDS = ("prompts", "train", "infer", "eval", "launch")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -42,11 +42,13 @@ from vlm_depth.files import (
     remove_dir,
     replace_dir,
 )
+from vlm_depth.train.sharding import gather_state, load_optimizer_state, save_optimizer_state, scatter_state
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS_FILE = "training_weights.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"  # `sharding: fsdp`: the gathered AdamW state
 STATE_FILE = "trainer_state.json"
 LOG_FILE = "log.jsonl"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -134,37 +136,55 @@ def checkpoint_step(folder: Path) -> int:
     return int(json.loads((folder / STATE_FILE).read_text())["step"])
 
 
-def training_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters and buffers of `model` (names as in its `state_dict`), on the CPU."""
+def trainable_names(model: torch.nn.Module) -> set[str]:
+    """Names in `model.state_dict()` of the trainable parameters and the (persistent) buffers: what a checkpoint
+    keeps."""
     keep = {name for name, p in model.named_parameters() if p.requires_grad}
     keep |= {name for name, _ in model.named_buffers()}
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in keep}
+    return keep & set(model.state_dict())
+
+
+def training_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters and buffers of `model`, whole and on the CPU (under `sharding: fsdp` a collective:
+    every process calls it)."""
+    keep = trainable_names(model)
+    return gather_state({k: v for k, v in model.state_dict().items() if k in keep})
 
 
 def load_training_weights(model: torch.nn.Module, folder: str | Path) -> None:
-    """Load `training_weights.safetensors` into `model`; every trainable tensor must be there (and nothing else)."""
-    from vlm_depth.model.checkpoint import load_exact_state
+    """Load `training_weights.safetensors` into `model`; every trainable tensor must be there (and nothing else);
+    sharded parameters receive their shards."""
+    from vlm_depth.model.checkpoint import read_exact_state
 
-    load_exact_state(
-        model,
+    state = read_exact_state(
         Path(folder) / WEIGHTS_FILE,
-        set(training_state_dict(model)),
+        trainable_names(model),
         "does not match this run's trainable weights; resume with the same model and finetune settings",
     )
+    model.load_state_dict(scatter_state(state, model.state_dict()), strict=False)
 
 
-def register_weight_hooks(accelerator, model: torch.nn.Module) -> None:
-    """Make `accelerator.save_state/load_state` store only `model`'s trainable weights and buffers (safetensors)."""
+def register_weight_hooks(
+    accelerator, model: torch.nn.Module, sharded: tuple[torch.nn.Module, torch.optim.Optimizer] | None = None
+) -> None:
+    """Make `accelerator.save_state/load_state` store only `model`'s trainable weights and buffers (safetensors),
+    and with `sharded` = (FSDP root, optimizer) the optimizer state too, gathered (accelerate does not hold that
+    optimizer)."""
     from safetensors.torch import save_file
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         weights.clear()
+        state = training_state_dict(model)  # every process: gathering shards is a collective
         if accelerator.is_main_process:
-            save_file(training_state_dict(model), str(Path(output_dir) / WEIGHTS_FILE))
+            save_file(state, str(Path(output_dir) / WEIGHTS_FILE))
+        if sharded is not None:
+            save_optimizer_state(*sharded, Path(output_dir) / OPTIMIZER_FILE, accelerator.is_main_process)
 
     def load_hook(models: list, input_dir: str) -> None:
         models.clear()
         load_training_weights(model, input_dir)
+        if sharded is not None:
+            load_optimizer_state(*sharded, Path(input_dir) / OPTIMIZER_FILE)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -258,11 +278,12 @@ def append_log(out: str | Path, row: dict[str, Any], fault: str = "") -> None:
     append_line(Path(out) / LOG_FILE, json.dumps(row), fault=fault)
 
 
-def save_final(model, processor, out: str | Path) -> Path:
-    """Write `OUT/final`: the DepthVLM checkpoint (base or LoRA adapter + branch + config) and the processor."""
+def save_final(model, processor, out: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `OUT/final`: the DepthVLM checkpoint (base or LoRA adapter + branch + config) and the processor;
+    `state`: the weights to write (gathered from a sharded model), default the model's own."""
     final = Path(out) / "final"
     with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state)
         processor.save_pretrained(tmp)
         fault_point("final")
     return final

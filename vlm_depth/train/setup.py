@@ -26,6 +26,7 @@ from vlm_depth.train.resume import (
     resolve_resume,
     restore_checkpoint,
 )
+from vlm_depth.train.sharding import shard
 from vlm_depth.train.step import PackedModel
 from vlm_depth.train.stream import PackedQueryStream
 from vlm_depth.train.train_config import TrainConfig
@@ -80,7 +81,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     }
     if trackers and not available[trackers]():
         raise ConfigError(f"report_to {trackers}: the `{trackers}` package is not installed (pip install {trackers})")
-    return Accelerator(
+    accelerator = Accelerator(
         # Without CUDA this is a CPU run; under torchrun / `accelerate launch --multi_gpu` it is then DDP over gloo.
         cpu=not torch.cuda.is_available(),
         mixed_precision=precision,
@@ -90,6 +91,15 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    engine = accelerator.distributed_type.value
+    if engine == "FSDP":
+        raise ConfigError(
+            "accelerate's FSDP plugin is on: vlm-depth shards the model itself. Launch with "
+            "launch/fsdp.yaml (or --multi_gpu) and give --sharding fsdp"
+        )
+    if cfg.sharding == "fsdp" and engine == "DEEPSPEED":
+        raise ConfigError("--sharding fsdp and a DeepSpeed launch both shard the model: use one of them")
+    return accelerator
 
 
 def base_checkpoint(cfg: TrainConfig, accelerator: Accelerator | None = None) -> str:
@@ -261,9 +271,15 @@ def setup(cfg: TrainConfig) -> Run:
     images = open_images(cfg.dataset, cfg.split, cfg.num_images, cfg.seed)
     stream = PackedQueryStream(images, ExampleBuilder(processor, layout, query_spec(cfg)), cfg.seed, cfg.cache_images)
     max_steps = resolve_max_steps(cfg, len(images), accelerator.num_processes)
+    packed = PackedModel(model, cfg.mdm_mode)
+    if cfg.sharding == "fsdp":
+        shard(packed.to(accelerator.device), model, bf16=accelerator.mixed_precision == "bf16")
     optimizer, scheduler = make_optimizer(cfg, model, max_steps)
-    register_weight_hooks(accelerator, model)
-    packed, optimizer, scheduler = accelerator.prepare(PackedModel(model, cfg.mdm_mode), optimizer, scheduler)
+    register_weight_hooks(accelerator, model, (packed, optimizer) if cfg.sharding == "fsdp" else None)
+    if cfg.sharding == "fsdp":  # sharded already: accelerate must not wrap it in DDP
+        scheduler = accelerator.prepare(scheduler)
+    else:
+        packed, optimizer, scheduler = accelerator.prepare(packed, optimizer, scheduler)
     run = Run(
         cfg=cfg,
         accelerator=accelerator,
@@ -274,7 +290,10 @@ def setup(cfg: TrainConfig) -> Run:
         optimizer=optimizer,
         scheduler=scheduler,
         stream=stream,
-        val_batches=build_val_batches(cfg, processor, layout) if accelerator.is_main_process else [],
+        # Sharded, every process takes part in the validation forwards (FSDP gathers weights collectively).
+        val_batches=build_val_batches(cfg, processor, layout)
+        if accelerator.is_main_process or cfg.sharding == "fsdp"
+        else [],
         digit_ids=torch.tensor(layout.digit_ids, device=accelerator.device),
         max_steps=max_steps,
     )

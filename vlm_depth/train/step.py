@@ -27,6 +27,7 @@ from vlm_depth.train.collator import IGNORE_INDEX, Batch, num_queries
 from vlm_depth.train.losses import AnswerLosses, answer_losses, supervised_positions
 from vlm_depth.train.mdm import MDM_SUMS, batch_mdm_loss, mdm_log_row, mdm_loss_weight, mdm_predictions
 from vlm_depth.train.packed import packed_forward
+from vlm_depth.train.sharding import full
 
 if TYPE_CHECKING:
     from vlm_depth.train.setup import Run
@@ -126,7 +127,8 @@ def train_step(run: Run, micro_batches: list[Batch], step: int) -> dict[str, flo
             f"good checkpoint (if any) is in {Path(cfg.out) / 'checkpoints'}; lower the learning rates or check "
             "the data"
         )
-    grad_norm = float(acc.clip_grad_norm_(run.packed.parameters(), cfg.max_grad_norm)) if cfg.max_grad_norm else 0.0
+    norm = acc.clip_grad_norm_(run.packed.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else 0.0
+    grad_norm = float(full(norm)) if isinstance(norm, torch.Tensor) else norm
     lrs = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(run.optimizer.param_groups)}
     run.optimizer.step()
     run.scheduler.step()

@@ -33,6 +33,12 @@ class TrainConfig(DepthBranchConfig):
         "language-model weight trains. The depth branch (and pointer projection, heads) always trains fully.",
         default="lora",
     )
+    sharding: Literal["none", "fsdp"] = option(
+        "Across the processes of `accelerate launch`: none (each holds the whole model; gradients averaged, DDP) or "
+        "fsdp (PyTorch FSDP2: weights, gradients and AdamW states sharded, one unit per vision block and one for the "
+        "rest; for finetune full of the 3B/7B models, launched with launch/fsdp.yaml).",
+        default="none",
+    )
     lora_r: int = option("LoRA rank.", default=16)
     lora_alpha: int = option("LoRA alpha (scale = alpha / r).", default=32)
     lora_dropout: float = option("Dropout on the LoRA input.", default=0.05)
@@ -187,6 +193,8 @@ class TrainConfig(DepthBranchConfig):
             raise ConfigError("--overwrite starts over and --resume_from continues: give one of them")
         if not 0 <= self.keep_ratio <= 1 or not 0 < self.holdout_ratio < 1:
             raise ConfigError("train: keep_ratio must be in [0, 1] and holdout_ratio in (0, 1)")
+        if self.sharding == "fsdp" and self.finetune != "full":
+            raise ConfigError("--sharding fsdp shards a full fine-tune; LoRA/QLoRA runs fit without it (none)")
         if self.finetune == "qlora" and self.train_vision:
             raise ConfigError("train: qlora quantises the language model only; train_vision needs lora or full")
         from vlm_depth.train.mdm import mdm_spec

@@ -25,6 +25,7 @@ from vlm_depth.files import claim_output, fault_point
 from vlm_depth.train.collator import collate_packed
 from vlm_depth.train.resume import append_log, resumes_in, save_checkpoint, save_final
 from vlm_depth.train.setup import Run, check_datasets, setup
+from vlm_depth.train.sharding import gather_state
 from vlm_depth.train.step import to_device, train_step
 from vlm_depth.train.stream import StepBatchSampler
 from vlm_depth.train.train_config import TrainConfig
@@ -106,8 +107,10 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             finished = run.last_step == run.max_steps
             val = record_validation(run, run.last_step) if finished else None
             final = None
+            # Sharded, every process hands in its shards; unsharded, the model's own weights are written.
+            state = gather_state(run.model.state_dict()) if finished and cfg.sharding == "fsdp" else None
             if finished and run.accelerator.is_main_process:
-                final = save_final(run.model, run.processor, cfg.out)
+                final = save_final(run.model, run.processor, cfg.out, state)
             run.accelerator.wait_for_everyone()
         finally:
             run.accelerator.end_training()

@@ -16,6 +16,7 @@ from vlm_depth.train.losses import answer_losses, supervised_positions
 from vlm_depth.train.mdm import validate_mdm
 from vlm_depth.train.packed import packed_forward
 from vlm_depth.train.resume import append_log
+from vlm_depth.train.sharding import unsharded_root
 from vlm_depth.train.step import to_device
 
 if TYPE_CHECKING:
@@ -96,18 +97,22 @@ def validate(model, layout, batches: list[Batch], digit_ids: torch.Tensor, autoc
 
 
 def record_validation(run: Run, step: int) -> dict[str, float] | None:
-    """Validate on the main process, log the row; other processes wait."""
+    """Validate on the main process (under `sharding: fsdp` on every process in lockstep, since the weights are
+    gathered collectively) and log the row; other processes wait."""
     acc = run.accelerator
     row = None
-    if acc.is_main_process and run.val_batches:
+    sharded = run.cfg.sharding == "fsdp"
+    if run.val_batches and (acc.is_main_process or sharded):
         mode, metrics = run.cfg.mdm_mode, {}
-        if mode != "head_only":
-            metrics = validate(run.model, run.layout, run.val_batches, run.digit_ids, run.accelerator.autocast)
-        if mode != "off":
-            metrics |= validate_mdm(run.model, run.val_batches, run.processor.image_processor, run.cfg.mdm_loss)
-        row = {"step": step, "split": "val", **metrics}
-        acc.log({f"val/{k}": v for k, v in row.items() if k not in ("step", "split")}, step=step)
-        append_log(run.cfg.out, row)
-        logger.info("step %d validation: %s", step, row)
+        with unsharded_root(run.packed) if sharded else contextlib.nullcontext():
+            if mode != "head_only":
+                metrics = validate(run.model, run.layout, run.val_batches, run.digit_ids, run.accelerator.autocast)
+            if mode != "off":
+                metrics |= validate_mdm(run.model, run.val_batches, run.processor.image_processor, run.cfg.mdm_loss)
+        if acc.is_main_process:
+            row = {"step": step, "split": "val", **metrics}
+            acc.log({f"val/{k}": v for k, v in row.items() if k not in ("step", "split")}, step=step)
+            append_log(run.cfg.out, row)
+            logger.info("step %d validation: %s", step, row)
     acc.wait_for_everyone()
     return row
