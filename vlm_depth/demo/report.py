@@ -164,7 +164,7 @@ def write_report(
         "",
         *[f"- **{line}**" for line in verdict(results, models)],
         "",
-        f"This is expected and is not a measure of the method: the model is a "
+        f"Either way this is not a measure of the method: the model is a "
         f"{tiny['parameters'] / 1e6:.2f} M-parameter network with random initial weights, trained for "
         f"{cfg.train_steps} steps on {cfg.num_train} frames on a CPU, while the classical baselines need no "
         "training. The demo shows that the pipeline runs end to end (synthetic sensor data, label-free training, "

@@ -61,6 +61,31 @@ class DepthBranchConfig:
     mdm_width: int = field(default=256, metadata={"help": "MDM head channels at the token grid (halved per level)."})
     mdm_levels: int = field(default=4, metadata={"help": "MDM head 2x upsampling levels (4: 14 px -> 0.875 px)."})
     mdm_blocks: int = field(default=1, metadata={"help": "MDM head residual conv blocks per level."})
+    mdm_pyramid: int = field(
+        default=0,
+        metadata={
+            "help": "0: the MDM head ends at its last upsampling level. N > 0: a full-resolution stage at the "
+            "processor's grid reads the sparse input's depth pyramid (per cell of 1, 2, 4, ... 2^(N-1) px: the "
+            "valid-weighted mean log-depth and the valid share; parameter-free) with the upsampled head features."
+        },
+    )
+    mdm_fullres_width: int = field(default=32, metadata={"help": "MDM head channels of the full-resolution stage."})
+    mdm_fullres_blocks: int = field(default=1, metadata={"help": "MDM head residual blocks at full resolution."})
+    mdm_pyramid_mix: bool = field(
+        default=False,
+        metadata={
+            "help": "With mdm_pyramid: the head outputs a learned per-pixel softmax mixture of the pyramid's mean "
+            "log-depths (cells with depth only, plus a prior at sqrt(max_depth)) plus a learned residual, instead "
+            "of log-depth directly."
+        },
+    )
+    mdm_pyramid_taps: int = field(
+        default=1,
+        metadata={
+            "help": "Mixture slots per pyramid scale: 1 (the cell at the pixel), 9 or 25 (also the cells up to 1 or "
+            "2 cells away in every direction, so the learned weights can interpolate across a hole from its sides)."
+        },
+    )
 
     def save(self, folder: str | Path) -> Path:
         return atomic_write(Path(folder) / CONFIG_NAME, json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True))

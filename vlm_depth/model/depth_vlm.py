@@ -31,7 +31,7 @@ from vlm_depth.model.branch_config import DepthBranchConfig
 from vlm_depth.model.checkpoint import BRANCH_FILE, load_depth_vlm, load_exact_state, save_depth_vlm
 from vlm_depth.model.encodings import depth_features, encoded_channels
 from vlm_depth.model.fusion import DepthFusion
-from vlm_depth.model.mdm_head import MDMHead, build_mdm_head, mdm_depth
+from vlm_depth.model.mdm_head import MDM_HEAD_FIELDS, MDMHead, build_mdm_head, mdm_depth
 from vlm_depth.model.patch_embed import DepthPatchEmbed, wrap_patch_embed
 from vlm_depth.model.pointer import PointerEncoder, infer_pointer_image_index, sample_pointer_features
 
@@ -118,7 +118,7 @@ class DepthVLM(Qwen2_5_VLForConditionalGeneration):
         a head on a checkpoint trained without one); `depth_cfg` records it, so it is saved and restored."""
         if self.depth_branch is None or self.depth_branch.mdm_head is not None:
             raise ModelError("attach_mdm_head needs a depth branch without an MDM head")
-        fields = {k: getattr(cfg, k) for k in ("mdm_tokens", "mdm_width", "mdm_levels", "mdm_blocks")}
+        fields = {k: getattr(cfg, k) for k in MDM_HEAD_FIELDS}
         self.depth_cfg = dataclasses.replace(self.depth_cfg, mdm_head=True, **fields)
         device = self.get_input_embeddings().weight.device
         self.depth_branch.mdm_head = build_mdm_head(self.depth_cfg, self.config.vision_config).to(device)

@@ -25,6 +25,19 @@ so a prediction pushed beyond the range by a large step is still pulled back by 
 coordinates of the cell centres with the half-diagonal at 1 (MoGe's `normalized_view_plane_uv`), so the head knows
 position and aspect.
 Group norms (no batch statistics): an image's output does not depend on the other images of its batch.
+
+Full-resolution stage (`mdm_pyramid` N > 0). The token path alone sees depth only through F_e2's 14-px patch
+embedding, so the head cannot place depth more finely than the token grid. This stage reads the sparse input itself
+at the processor's grid, as a parameter-free *depth pyramid* (`depth_pyramid`: per cell of 1, 2, ... 2^(N-1) px the
+valid-weighted mean of log-depth and the valid share, normalised-convolution style), concatenated with the UV
+encoding, projected by a 1x1 conv and merged (3x3 conv) with the token path's features bilinearly upsampled to the
+same grid, then `fullres_blocks` residual blocks and the output conv. With `mdm_pyramid_mix` the output conv gives a
+residual and one logit per *slot*: a prior (log init_depth) and each scale's mean at the pixel's cell and, with
+`mdm_pyramid_taps` 9 or 25, at the cells up to 1 or 2 cells away in every direction; log-depth = log init_depth +
+softmax over the slots that have depth (the prior always has) of the slot values + residual. The output conv is
+zero-initialised, so the untrained head gives the plain mean of its available slots; the learned part is where to
+take depth from (which scale, which side of a hole) and the correction. Valid input pixels are returned unchanged by
+the readouts anyway; the stage matters for the holes.
 """
 
 from __future__ import annotations
@@ -36,10 +49,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm_depth.depth import valid_mask
 from vlm_depth.errors import ConfigError
 from vlm_depth.model.align import split_maps
 
 TOKENS = ("pre_merger", "post_merger")
+MDM_HEAD_FIELDS = (  # the branch-config fields that build the head (copied by DepthVLM.attach_mdm_head)
+    "mdm_tokens",
+    "mdm_width",
+    "mdm_levels",
+    "mdm_blocks",
+    "mdm_pyramid",
+    "mdm_fullres_width",
+    "mdm_fullres_blocks",
+    "mdm_pyramid_mix",
+    "mdm_pyramid_taps",
+)
+TAPS = {1: 0, 9: 1, 25: 2}  # mixture slots per pyramid scale -> neighbourhood radius in cells
 MIN_WIDTH = 32
 LOG_DEPTH_RANGE = (math.log(1e-3), math.log(1e4))  # meters: keeps exp() finite in fp32 whatever the weights
 
@@ -54,16 +80,61 @@ def head_input_dim(vision_config, tokens: str) -> int:
 
 
 def build_mdm_head(cfg, vision_config) -> MDMHead:
-    """A fresh MDM head for the branch config `cfg` (`mdm_tokens`, `mdm_width`, `mdm_levels`, `mdm_blocks`) on a
-    Qwen2.5-VL vision tower. Its output bias starts at log sqrt(max_depth): predictions start around the geometric
-    middle of 1 m and `cfg.max_depth`."""
+    """A fresh MDM head for the branch config `cfg` (the `MDM_HEAD_FIELDS`) on a Qwen2.5-VL vision tower. Its
+    output starts at sqrt(max_depth) (the output bias, or the mixture's prior): predictions start around the
+    geometric middle of 1 m and `cfg.max_depth`."""
     return MDMHead(
         head_input_dim(vision_config, cfg.mdm_tokens),
         width=cfg.mdm_width,
         levels=cfg.mdm_levels,
         blocks=cfg.mdm_blocks,
         init_depth=math.sqrt(cfg.max_depth),
+        pyramid=cfg.mdm_pyramid,
+        fullres_width=cfg.mdm_fullres_width,
+        fullres_blocks=cfg.mdm_fullres_blocks,
+        pyramid_mix=cfg.mdm_pyramid_mix,
+        pyramid_taps=cfg.mdm_pyramid_taps,
     )
+
+
+def depth_pyramid(depth: torch.Tensor, scales: int, center: float = 0.0) -> torch.Tensor:
+    """Parameter-free multi-scale view of sparse depth (B, 1, H, W) meters (0 = missing): for cells of s = 1, 2, 4,
+    ... 2**(scales-1) px, the valid-weighted mean of log(depth) - `center` over each cell and the cell's valid share,
+    brought back to (H, W) by bilinear interpolation of the weighted sums and of the weights (normalised convolution).
+    Returns (B, 2 * scales, H, W): [mean_1, share_1, mean_2, share_2, ...]; a mean is 0 where its share is 0."""
+    valid = valid_mask(depth).to(torch.float32)
+    logd = torch.where(valid > 0, depth.float().clamp(min=1e-3).log() - center, torch.zeros_like(valid))
+    height, width = depth.shape[-2:]
+    big = 2 ** max(scales - 1, 0)
+    pad = (0, -width % big, 0, -height % big)  # whole cells at every scale
+    num, den = F.pad(logd * valid, pad), F.pad(valid, pad)
+    feats = []
+    for k in range(scales):
+        cell = 2**k
+        n, d = num, den
+        if cell > 1:
+            n = F.interpolate(F.avg_pool2d(num, cell), scale_factor=cell, mode="bilinear", align_corners=False)
+            d = F.interpolate(F.avg_pool2d(den, cell), scale_factor=cell, mode="bilinear", align_corners=False)
+        has = d > 1e-6
+        mean = torch.where(has, n / d.clamp(min=1e-6), torch.zeros_like(d))
+        feats += [mean[..., :height, :width], torch.where(has, d, torch.zeros_like(d))[..., :height, :width]]
+    return torch.cat(feats, dim=1)
+
+
+def _cell_taps(x: torch.Tensor, radius: int = 1) -> torch.Tensor:
+    """(B, S, H, W) maps, channel k at scale 2**k -> (B, (2 r + 1)^2 S, H, W): each map at the pixel and shifted by
+    up to `radius` cells (2**k px each) in both axes (0 outside the image), channel order (scale, dy, dx)."""
+    height, width = x.shape[-2:]
+    taps = []
+    for k in range(x.shape[1]):
+        cell = 2**k
+        pad = radius * cell
+        padded = F.pad(x[:, k : k + 1], (pad, pad, pad, pad))
+        for dy in range(-radius, radius + 1):
+            for dx in range(-radius, radius + 1):
+                y0, x0 = pad + dy * cell, pad + dx * cell
+                taps.append(padded[..., y0 : y0 + height, x0 : x0 + width])
+    return torch.cat(taps, dim=1)
 
 
 def processor_order(last_hidden_state: torch.Tensor, image_grid_thw: torch.Tensor, vision_config) -> torch.Tensor:
@@ -154,28 +225,70 @@ class MDMHead(nn.Module):
 
     `in_dim`: token channels; `width`: channels at the token grid (halved per level, at least 32); `levels`: 2x
     upsamplings (4 turns 14-px tokens into 0.875-px cells); `blocks`: residual blocks per level; `init_depth`:
-    meters, the output bias is log(init_depth), so untrained predictions scatter around it.
+    meters, the output bias is log(init_depth), so untrained predictions scatter around it. `pyramid` > 0 adds the
+    full-resolution stage (`fullres_width` channels, `fullres_blocks` residual blocks; `pyramid_mix`,
+    `pyramid_taps`: the mixture output), see the module docstring.
     """
 
-    def __init__(self, in_dim: int, width: int = 256, levels: int = 4, blocks: int = 1, init_depth: float = 10.0):
+    def __init__(
+        self,
+        in_dim: int,
+        width: int = 256,
+        levels: int = 4,
+        blocks: int = 1,
+        init_depth: float = 10.0,
+        pyramid: int = 0,
+        fullres_width: int = 32,
+        fullres_blocks: int = 1,
+        pyramid_mix: bool = False,
+        pyramid_taps: int = 1,
+    ):
         super().__init__()
         if width < 1 or levels < 0 or blocks < 0 or not init_depth > 0:
             raise ConfigError(
                 f"MDM head needs width >= 1, levels >= 0, blocks >= 0, init_depth > 0 (got "
                 f"{width}, {levels}, {blocks}, {init_depth})"
             )
+        if pyramid < 0 or (pyramid and (fullres_width < 1 or fullres_blocks < 0)) or pyramid_taps not in TAPS:
+            raise ConfigError(
+                f"MDM head needs pyramid >= 0, fullres_width >= 1, fullres_blocks >= 0 and pyramid_taps in "
+                f"{sorted(TAPS)} (got {pyramid}, {fullres_width}, {fullres_blocks}, {pyramid_taps})"
+            )
+        if pyramid_mix and not pyramid:
+            raise ConfigError("MDM head: pyramid_mix needs a depth pyramid (pyramid > 0)")
         widths = [max(width >> k, min(width, MIN_WIDTH)) for k in range(levels + 1)]
         self.token_norm = nn.LayerNorm(in_dim)
         self.input_proj = nn.Conv2d(in_dim + 2, widths[0], 1)
         self.upsample = nn.ModuleList(Upsample(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.uv_proj = nn.ModuleList(nn.Conv2d(2, w, 1) for w in widths[1:])
         self.stages = nn.ModuleList(nn.Sequential(*(ResidualConvBlock(w) for _ in range(blocks))) for w in widths)
-        self.output = nn.Conv2d(widths[-1], 1, 1)
-        with torch.no_grad():
-            self.output.bias.fill_(math.log(init_depth))
+        self.pyramid, self.pyramid_mix, self.taps = pyramid, pyramid_mix, pyramid_taps
+        self.center = math.log(init_depth)
+        out_width = widths[-1]
+        if pyramid:
+            self.fullres_proj = nn.Conv2d(2 * pyramid + 2, fullres_width, 1)
+            self.fullres_merge = _conv3x3(widths[-1] + fullres_width, fullres_width)
+            self.fullres_stage = nn.Sequential(*(ResidualConvBlock(fullres_width) for _ in range(fullres_blocks)))
+            out_width = fullres_width
+        if pyramid_mix:  # residual + prior logit + one logit per scale and tap; zero init (see the module docstring)
+            self.output = nn.Conv2d(out_width, 2 + pyramid * pyramid_taps, 1)
+            with torch.no_grad():
+                self.output.weight.zero_()
+                self.output.bias.zero_()
+        else:
+            self.output = nn.Conv2d(out_width, 1, 1)
+            with torch.no_grad():
+                self.output.bias.fill_(math.log(init_depth))
 
-    def log_depth(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token grids (B, in_dim, h, w) -> log-depth (B, 1, h * 2**levels, w * 2**levels), log meters, unclamped."""
+    def pyramid_of(self, depth: torch.Tensor) -> torch.Tensor:
+        """The full-resolution stage's input for sparse depth (B, 1, H', W') meters on the processor's grid:
+        `depth_pyramid` with this head's scales, centred at log init_depth."""
+        return depth_pyramid(depth, self.pyramid, self.center)
+
+    def log_depth(self, tokens: torch.Tensor, pyramid: torch.Tensor | None = None) -> torch.Tensor:
+        """Token grids (B, in_dim, h, w) -> log-depth (B, 1, h * 2**levels, w * 2**levels), log meters, unclamped.
+        With the full-resolution stage: also `pyramid` (B, 2 * scales, H', W') from `pyramid_of`, and the log-depth
+        is at (H', W')."""
         dtype = self.output.weight.dtype
         x = self.token_norm(tokens.to(dtype).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         x = x + x.mean(dim=(2, 3), keepdim=True)
@@ -185,17 +298,46 @@ class MDMHead(nn.Module):
         for upsample, uv_proj, stage in zip(self.upsample, self.uv_proj, self.stages[1:]):
             x = upsample(x)
             x = stage(x + uv_proj(view_plane_uv(*x.shape[-2:], x.device, dtype)))
-        return self.output(x)
+        if not self.pyramid:
+            return self.output(x)
+        if pyramid is None:
+            raise ValueError("this MDM head has a full-resolution stage: pass the depth pyramid")
+        pyramid = pyramid.to(dtype)
+        x = F.interpolate(x, size=tuple(pyramid.shape[-2:]), mode="bilinear", align_corners=False)
+        uv = view_plane_uv(*pyramid.shape[-2:], x.device, dtype).expand(batch, -1, -1, -1)
+        skip = self.fullres_proj(torch.cat([pyramid, uv], dim=1))
+        out = self.output(self.fullres_stage(self.fullres_merge(torch.cat([x, skip], dim=1))))
+        if not self.pyramid_mix:
+            return out
+        means, shares = pyramid[:, 0::2], pyramid[:, 1::2]
+        if TAPS[self.taps]:
+            means, shares = _cell_taps(means, TAPS[self.taps]), _cell_taps(shares, TAPS[self.taps])
+        values = torch.cat([torch.zeros_like(means[:, :1]), means], dim=1)  # the prior (0 = log init_depth) first
+        support = torch.cat([torch.ones_like(shares[:, :1]), shares], dim=1) > 1e-6
+        weights = out[:, 1:].masked_fill(~support, float("-inf")).softmax(dim=1)
+        return self.center + (weights * values).sum(dim=1, keepdim=True) + out[:, :1]
 
-    def forward(self, tokens: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
-        """Token grids (B, in_dim, h, w) -> depth (B, H, W) float meters, > 0 and finite, at `out_size` = (H, W)."""
-        log_depth = F.interpolate(self.log_depth(tokens), size=tuple(out_size), mode="bilinear", align_corners=False)
+    def forward(
+        self, tokens: torch.Tensor, out_size: tuple[int, int], pyramid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token grids (B, in_dim, h, w) -> depth (B, H, W) float meters, > 0 and finite, at `out_size` = (H, W)
+        (`pyramid`: see `log_depth`)."""
+        log_depth = self.log_depth(tokens, pyramid)
+        log_depth = F.interpolate(log_depth, size=tuple(out_size), mode="bilinear", align_corners=False)
         clamped = log_depth + (log_depth.clamp(*LOG_DEPTH_RANGE) - log_depth).detach()  # straight-through
         return clamped.exp().squeeze(1)
 
-    def predict(self, grids: Sequence[torch.Tensor], out_sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+    def predict(
+        self,
+        grids: Sequence[torch.Tensor],
+        out_sizes: Sequence[tuple[int, int]],
+        depths: Sequence[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
         """One depth map (H, W) meters per token grid (C, h, w), at its `out_sizes` entry; images of equal grid and
-        output size run as one batch."""
+        output size run as one batch. A head with a full-resolution stage also takes each image's sparse input
+        `depths` (1, H', W') meters on the processor's grid."""
+        if self.pyramid and (depths is None or len(depths) != len(grids)):
+            raise ValueError("this MDM head has a full-resolution stage: pass one sparse depth map per image")
         if len(grids) != len(out_sizes):
             raise ValueError(f"{len(grids)} token grids but {len(out_sizes)} output sizes")
         outputs: list[torch.Tensor | None] = [None] * len(grids)
@@ -203,7 +345,8 @@ class MDMHead(nn.Module):
         for i, (grid, size) in enumerate(zip(grids, out_sizes)):
             groups.setdefault((*grid.shape[-2:], *size), []).append(i)
         for key, members in groups.items():
-            depth = self(torch.stack([grids[i] for i in members]), key[2:])
+            pyramid = self.pyramid_of(torch.stack([depths[i] for i in members])) if self.pyramid else None
+            depth = self(torch.stack([grids[i] for i in members]), key[2:], pyramid)
             for i, d in zip(members, depth):
                 outputs[i] = d
         return outputs
@@ -260,4 +403,10 @@ def mdm_depth(
     grids = visual_token_grids(outputs, image_grid_thw, vision, model.depth_cfg.mdm_tokens)
     if out_sizes is None:
         out_sizes = [(h * vision.patch_size, w * vision.patch_size) for _, h, w in image_grid_thw.tolist()]
-    return head.predict(grids, out_sizes)
+    depths = None
+    if head.pyramid:  # the sparse input (masked patches hidden) on the processor's grid; none = monocular
+        if depth_maps is None:
+            sizes = [(h * vision.patch_size, w * vision.patch_size) for _, h, w in image_grid_thw.tolist()]
+            depth_maps = pixel_values.new_zeros(sum(h * w for h, w in sizes))
+        depths = [d.float()[None] for d in split_maps(depth_maps, image_grid_thw, vision.patch_size)]
+    return head.predict(grids, out_sizes, depths)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from vlm_depth.depth import valid_mask
 from vlm_depth.errors import ConfigError, DataError
 from vlm_depth.model.align import processor_grid, resize_depth, split_maps
+from vlm_depth.model.mdm_head import hide_patches
 from vlm_depth.model.patch_mask import mdm_patch_mask, patch_states
 
 MDM_MODES = ("off", "head_only", "joint")
@@ -59,6 +60,7 @@ class MDMSpec:
     mixed_keep_prob: float = 0.5
     ratio_range: tuple[float, float] = (0.6, 0.9)
     mask_all: bool = False
+    sparse_labels: Literal["heldout", "masked"] = "heldout"  # label-free labels: see `mdm_fields`
 
 
 def mdm_spec(cfg) -> MDMSpec | None:
@@ -74,7 +76,9 @@ def mdm_spec(cfg) -> MDMSpec | None:
         raise ConfigError("train: need 0 <= mdm_ratio_low <= mdm_ratio_high <= 1 and mdm_mixed_keep_prob in [0, 1]")
     if cfg.mdm_weight <= 0:
         raise ConfigError(f"train: mdm_weight must be > 0 with mdm_mode {cfg.mdm_mode}, got {cfg.mdm_weight}")
-    return MDMSpec(cfg.mdm_mixed_keep_prob, (cfg.mdm_ratio_low, cfg.mdm_ratio_high))
+    return MDMSpec(
+        cfg.mdm_mixed_keep_prob, (cfg.mdm_ratio_low, cfg.mdm_ratio_high), sparse_labels=cfg.mdm_sparse_labels
+    )
 
 
 def prepare_mdm_model(model, cfg) -> None:
@@ -141,13 +145,20 @@ def mdm_fields(
 ) -> dict[str, torch.Tensor]:
     """The MDM keys of one training example: `mdm_labels` (the layout of `depth_maps`) and `mdm_patch_mask`, for the
     processor's output `inputs` of the image with depth `shown` (the textualizer's `shown_depth` of the sparse input
-    `depth`); labels per `label_source` (see `mdm_labels`)."""
+    `depth`); labels per `label_source` (see `mdm_labels`). Label-free with `spec.sparse_labels` `masked`: also every
+    valid input point inside a masked patch is a label (the MDM pass never sees it: LingBot-Depth's masked depth
+    modelling with the sensor depth as its own target); `heldout`: the textualizer's held-out points only."""
     labels = label_maps(mdm_labels(depth, shown, gt, label_source), image_processor)
     if labels.shape != inputs["depth_maps"].shape:
         raise DataError(
             f"MDM labels of shape {depth.shape} do not fit the image's patch grid; give them at the RGB's size"
         )
     mask = draw_patch_mask(inputs["depth_maps"], inputs["image_grid_thw"], rng, image_processor, spec)
+    if label_source == "sparse" and spec.sparse_labels == "masked":
+        every = label_maps(np.where(valid_mask(depth), depth, 0).astype(np.float32), image_processor)
+        ones = torch.ones_like(every)
+        inside = hide_patches(ones, mask, inputs["image_grid_thw"], image_processor.patch_size) == 0
+        labels = torch.where(inside, every, labels)
     return {"mdm_labels": labels, "mdm_patch_mask": mask}
 
 

@@ -173,11 +173,17 @@ def lr_factor(step: int, cfg: TrainConfig, max_steps: int) -> float:
 
 
 def make_optimizer(cfg: TrainConfig, model: DepthVLM, max_steps: int):
-    """AdamW with one parameter group per learning rate (`branch`, `backbone`) and its LambdaLR schedule."""
+    """AdamW with one parameter group per learning rate (`branch`, `backbone`, and `mdm_head` when `lr_mdm_head`
+    is set) and its LambdaLR schedule."""
     from vlm_depth.model.finetune import trainable_parameter_groups
 
     groups = trainable_parameter_groups(model)
     lrs = {"branch": cfg.lr_branch, "backbone": cfg.lr_backbone}
+    if cfg.lr_mdm_head and model.depth_cfg.mdm_head:
+        head = {id(p) for p in model.mdm_head.parameters()}
+        groups["mdm_head"] = [p for p in groups["branch"] if id(p) in head]
+        groups["branch"] = [p for p in groups["branch"] if id(p) not in head]
+        lrs["mdm_head"] = cfg.lr_mdm_head
     params = [{"params": p, "lr": lrs[name], "name": name} for name, p in groups.items() if p]
     if not params:
         raise ConfigError("nothing to train: no parameter requires a gradient")

@@ -111,6 +111,10 @@ class TrainConfig(DepthBranchConfig):
     batch_size: int = option("Images per process per micro-batch (each image carries K queries).", default=1)
     grad_accum: int = option("Micro-batches per optimiser step.", default=1)
     lr_branch: float = option("Learning rate of the depth branch, pointer projection and heads.", default=1e-4)
+    lr_mdm_head: float = option(
+        "Learning rate of the MDM head (its own optimiser group); 0 = lr_branch, like the rest of the branch.",
+        default=0.0,
+    )
     lr_backbone: float = option("Learning rate of LoRA / language-model / vision weights.", default=1e-5)
     weight_decay: float = option("AdamW weight decay (both groups).", default=0.0)
     warmup_steps: int = option("Linear warm-up steps from 0 to the learning rates.", default=0)
@@ -138,6 +142,11 @@ class TrainConfig(DepthBranchConfig):
         "MDM loss: l1 on labelled pixels (LingBot-Depth) or balanced_si (Vanishing Depth's balanced scale-invariant "
         "multi-scale loss). Labels: held-out points (label_source sparse) or ground truth (gt).",
         default="l1",
+    )
+    mdm_sparse_labels: Literal["heldout", "masked"] = option(
+        "Label-free MDM labels (label_source sparse): heldout = the textualizer's held-out points only; masked = "
+        "those plus every valid input point inside a masked patch (hidden from the MDM pass).",
+        default="heldout",
     )
     mdm_mixed_keep_prob: float = option("MDM masking: probability of keeping a partly valid 14-px patch.", default=0.5)
     mdm_ratio_low: float = option("MDM masking: lowest share of patches masked per image.", default=0.6)
@@ -183,7 +192,8 @@ class TrainConfig(DepthBranchConfig):
         positive += ("val_queries_per_image", "step_every")
         nonnegative = ("max_steps", "save_every", "eval_every", "stop_at_step", "warmup_steps", "num_images")
         nonnegative += ("num_val_images", "max_pixels", "seed", "num_workers", "num_threads", "lr_branch")
-        nonnegative += ("lr_backbone", "weight_decay", "max_grad_norm", "numeric_loss_weight", "mdm_weight", "epochs")
+        nonnegative += ("lr_backbone", "lr_mdm_head", "weight_decay", "max_grad_norm", "numeric_loss_weight")
+        nonnegative += ("mdm_weight", "epochs")
         check_options(self, dict.fromkeys(positive, 1) | dict.fromkeys(nonnegative, 0))
         if self.max_steps == 0 and self.epochs <= 0:
             raise ConfigError("train: set max_steps > 0 or epochs > 0")
