@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +14,9 @@ import pytest
 from vlm_depth.cli import main
 from vlm_depth.config import save_config
 from vlm_depth.data import load
-from vlm_depth.demo.demo_config import DemoConfig, model_name, readouts
-from vlm_depth.demo.report import verdict
-from vlm_depth.demo.run import prepare_out, run_demo
+from vlm_depth.demo.demo_config import DemoConfig, model_name, readouts, supervisions
+from vlm_depth.demo.report import README_BEGIN, README_END, readme_block, results_section, verdict
+from vlm_depth.demo.run import REAL_ENTRIES, prepare_out, real_entries, real_root, run_demo
 from vlm_depth.errors import ConfigError
 from vlm_depth.eval.baselines import BASELINES
 
@@ -84,6 +85,31 @@ def test_demo_rejects_bad_options_and_a_foreign_output_folder(tmp_path):
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
+def test_real_frames_are_the_sample_frames_suite_entries_read_from_the_data_folder(shared_data, tmp_path):
+    entries = real_entries(shared_data)
+    assert [e.name for e in entries] == list(REAL_ENTRIES)
+    assert [e.protocols for e in entries] == [("uniform:500",), ("lidar:64",), ("density:0.5",)]
+    for entry in entries:
+        kind, _, path = entry.spec.partition(":")
+        assert Path(path).exists() and Path(path).is_relative_to(shared_data), entry.spec
+        assert len(list(load(entry.spec, **entry.options))) >= 1
+    assert real_entries(tmp_path) == []  # a folder without the frames: none
+    assert real_root(DemoConfig(real_data=""))[0] is None
+    assert real_root(DemoConfig(real_data=str(shared_data)))[0] == shared_data
+    with pytest.raises(ConfigError, match="train-and-test"):
+        real_root(DemoConfig(real_data=str(tmp_path)))
+
+
+def test_readme_option_needs_a_readme_with_the_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(ConfigError, match="demo results"):
+        run_demo(DemoConfig(out=str(tmp_path / "a"), readme=str(readme)))
+    with pytest.raises(ConfigError, match="does not exist"):
+        run_demo(DemoConfig(out=str(tmp_path / "a"), readme=str(tmp_path / "missing.md")))
+    assert not (tmp_path / "a").exists()  # refused before anything is written
+
+
 def _table_rows(section: str) -> dict[str, list[str]]:
     rows = {}
     for line in section.splitlines():
@@ -96,12 +122,15 @@ def _table_rows(section: str) -> dict[str, list[str]]:
 @pytest.mark.slow
 def test_demo_end_to_end_on_a_reduced_budget(tmp_path, capsys):
     out = tmp_path / "demo"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\n## Results\n\n{README_BEGIN}\nold\n{README_END}\n\n## Next\n")
     args = ["--out", str(out), "--train_steps", "6", "--num_train", "4", "--num_eval", "2"]
-    args += ["--height", "64", "--width", "96", "--budget_minutes", "3"]
+    args += ["--height", "64", "--width", "96", "--budget_minutes", "3", "--real_data", "", "--readme", str(readme)]
     assert main(["demo", *args]) == 0
     summary = json.loads(capsys.readouterr().out)
     cfg = DemoConfig(out=str(out), height=64, width=96)
     models = [model_name(r) for r in readouts(cfg)]
+    every_model = [model_name(r, s) for s in supervisions(cfg) for r in readouts(cfg)]
 
     for name in ("report.md", "config.yaml", "train_curve.png", "eval/report.md", "eval/results.csv"):
         assert (out / name).is_file(), name
@@ -112,9 +141,10 @@ def test_demo_end_to_end_on_a_reduced_budget(tmp_path, capsys):
     text = (out / "report.md").read_text()
     results = text.split("## Results", 1)[1].split("\n## ", 1)[0]
     main_table, fill_table = results.split("fill MAE (m)", 1)
+    fill_table = fill_table.split("\n\n", 1)[0]
     for table in (main_table, "| fill MAE (m)" + fill_table):
         rows = _table_rows(table)
-        assert set(rows) == set(BASELINES) | set(models)
+        assert set(rows) == set(BASELINES) | set(every_model)
         for method, cells in rows.items():
             values = [float(c) for c in cells]
             assert all(math.isfinite(v) for v in values), (method, cells)
@@ -142,4 +172,20 @@ def test_demo_end_to_end_on_a_reduced_budget(tmp_path, capsys):
         np.testing.assert_array_equal(completed[valid], frame.depth[valid])
         for suffix in ("_depth.png", "_color.png", "_uncertainty.png", "_compare.png", ".ply"):
             assert (folder / f"{name}{suffix}").is_file(), suffix
-    assert set(summary["seconds"]) == {"tiny", "data", "train", "eval", "complete", "report", "total"}
+    assert set(summary["seconds"]) == {"tiny", "data", "train", "train-gt", "eval", "complete", "report", "total"}
+
+    # The one-line verdict, label-free vs GT gaps that are the differences of the table's values, the real frames
+    # skipped with the reason, and the README block that is the report's Results section.
+    assert f"**{summary['headline']}**" in results
+    best = min(models, key=lambda m: metrics[m]["fill_mae"])
+    assert f"`{best}` (label-free), fills the sensor's holes with MAE {metrics[best]['fill_mae']:.3f} m" in results
+    gaps = results.split("### Label-free vs ground-truth labels", 1)[1].split("###", 1)[0]
+    for readout in readouts(cfg):
+        row = next(line for line in gaps.splitlines() if line.startswith(f"| {readout} | fill MAE (m) |"))
+        label_free, gt, gap = (float(c) for c in row.strip("|").split("|")[2:])
+        assert label_free == pytest.approx(metrics[model_name(readout)]["fill_mae"], abs=5e-4)
+        assert gt == pytest.approx(metrics[model_name(readout, "gt")]["fill_mae"], abs=5e-4)
+        assert gap == pytest.approx(label_free - gt, abs=1.5e-3)
+    assert "### Real frames, zero-shot\n\nSkipped: the real sample frames were not found" in results
+    block = readme_block(readme.read_text())
+    assert block == results_section(text) and readme.read_text().endswith(f"{README_END}\n\n## Next\n")

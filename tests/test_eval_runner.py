@@ -222,10 +222,24 @@ def test_bad_requests_are_clear_config_errors(gt_folder, tmp_path):
         ("methods: [{baseline: nearest}]\ncompare: [[nearest, linear]]\n", "compare names"),
         ("methods: [{baseline: nearest}, {baseline: nearest}]\n", "duplicate method"),
         ("methods: [{baseline: nearest, checkpoint: x}]\n", "unknown keys"),
+        ("methods: [{model: ckpt, preset: turbo}]\n", "no infer file named 'turbo'"),
     ]:
         suite.write_text(methods + datasets)
         with pytest.raises(ConfigError, match=error):
             run_eval(EvalConfig(suite=str(suite), out=str(tmp_path / "o")))
+
+
+def test_a_suite_model_entry_reads_out_with_its_inference_preset(tmp_path):
+    from vlm_depth.eval.suite import readout_settings
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text(
+        "methods: [{model: ckpt, readout: query, preset: fast}, {model: ckpt, readout: mdm, name: m}]\n"
+        "datasets: [{dataset: 'folder:x', protocols: [sensor]}]\n"
+    )
+    fast, plain = load_suite(str(suite)).methods
+    assert (fast.preset, plain.preset) == ("fast", "")
+    assert readout_settings("fast").query_budget == 1024 and readout_settings("default").query_budget == 4096
 
 
 @pytest.mark.parametrize("name", ["zero_shot", "label_free_vs_gt", "sample_frames"])

@@ -4,23 +4,26 @@ which sparsity protocols, read from a suite YAML (top-level `eval/`) or built fr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from vlm_depth.errors import ConfigError
 from vlm_depth.eval.baselines import BASELINES, get_baseline
+from vlm_depth.infer.readouts import ReadoutSettings
 from vlm_depth.resources import load_yaml, resource_path
 
 
 @dataclass(frozen=True)
 class Method:
-    """A method to evaluate: a classical baseline (`baseline`) or a checkpoint (`model` + `readout`)."""
+    """A method to evaluate: a classical baseline (`baseline`) or a checkpoint (`model` + `readout`, read out with the
+    settings of the inference preset `preset`, e.g. `fast`; empty = the defaults)."""
 
     name: str
     baseline: str = ""
     model: str = ""
     readout: str = "query"
+    preset: str = ""
 
 
 @dataclass(frozen=True)
@@ -60,11 +63,23 @@ def baseline_methods(names: str | Sequence[str]) -> list[Method]:
     return [Method(name=name, baseline=name) for name in names]
 
 
-def model_method(model: str, readout: str = "query", name: str = "") -> Method:
-    """A checkpoint as a method, named `name` or `<folder>-<readout>`."""
+def model_method(model: str, readout: str = "query", name: str = "", preset: str = "") -> Method:
+    """A checkpoint as a method, named `name` or `<folder>-<readout>`; `preset`: an inference preset (top-level
+    `infer/`, e.g. `fast`) whose readout settings it uses."""
     if readout not in ("query", "mdm"):
         raise ConfigError(f"readout must be `query` or `mdm`, got {readout!r}")
-    return Method(name=name or f"{Path(model).name}-{readout}", model=model, readout=readout)
+    if preset:
+        readout_settings(preset)  # a missing or malformed preset fails here, before anything runs
+    return Method(name=name or f"{Path(model).name}-{readout}", model=model, readout=readout, preset=preset)
+
+
+def readout_settings(preset: str) -> ReadoutSettings:
+    """The readout settings (query budget, stride, refinement, ...) of the inference preset `preset`."""
+    from vlm_depth.config import load_config
+    from vlm_depth.infer.complete_config import CompleteConfig
+
+    complete = load_config(CompleteConfig, preset)
+    return ReadoutSettings(**{f.name: getattr(complete, f.name) for f in fields(ReadoutSettings)})
 
 
 def dataset_name(spec: str) -> str:
@@ -84,10 +99,10 @@ def _known_keys(data: dict[str, Any], known: set[str], where: str) -> None:
 
 
 def load_suite(path: str | Path) -> Suite:
-    """Read a suite YAML: `methods` (list of {baseline: NAME|all} or {model: CKPT, readout, name}), `datasets` (list
-    of {dataset: KIND:PATH, protocols: [...], name, split, max_depth, crop, max_images, options: {reader kwargs}})
-    and optional `compare` (list of [METHOD_A, METHOD_B] names). Relative dataset and model paths are relative to
-    the working directory."""
+    """Read a suite YAML: `methods` (list of {baseline: NAME|all} or {model: CKPT, readout, name, preset}),
+    `datasets` (list of {dataset: KIND:PATH, protocols: [...], name, split, max_depth, crop, max_images, options:
+    {reader kwargs}}) and optional `compare` (list of [METHOD_A, METHOD_B] names). Relative dataset and model paths
+    are relative to the working directory."""
     path = resource_path("eval", str(path))
     data = load_yaml(path)
     _known_keys(data, {"methods", "datasets", "compare", "description"}, str(path))
@@ -96,11 +111,12 @@ def load_suite(path: str | Path) -> Suite:
         where = f"{path}: methods[{i}]"
         if not isinstance(item, dict) or bool(item.get("model")) == bool(item.get("baseline")):
             raise ConfigError(f"{where}: expected a mapping with exactly one of `model` or `baseline`")
-        _known_keys(item, {"model", "readout", "name", "baseline"}, where)
+        _known_keys(item, {"model", "readout", "name", "preset", "baseline"}, where)
         if item.get("baseline"):
             methods += baseline_methods(item["baseline"])
         else:
-            methods.append(model_method(str(item["model"]), item.get("readout", "query"), item.get("name", "")))
+            readout, name, preset = item.get("readout", "query"), item.get("name", ""), item.get("preset", "")
+            methods.append(model_method(str(item["model"]), readout, name, str(preset)))
     datasets: list[DatasetEntry] = []
     for i, item in enumerate(data.get("datasets") or []):
         where = f"{path}: datasets[{i}]"
