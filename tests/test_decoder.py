@@ -215,3 +215,15 @@ def test_bench_decoder_reports_speed_and_identical_answers(trained, capsys):
     assert keys <= set(result) and result["query_pixels"] == 12 and result["identical"] is True
     assert result["speedup"] == pytest.approx(result["fast_pixels_per_s"] / result["naive_pixels_per_s"])
     assert all(result["seconds"][k] > 0 for k in ("naive", "fast", "prefix", "decode", "forward"))
+    assert result["device"] == "cpu" and result["max_queries_per_pass"] == 128 and result["decode_tflop"] > 0
+    assert result["agreement"] == {
+        "dtype": "float32",
+        "identical_share": 1.0,
+        "max_value_diff_m": 0.0,
+        "max_expected_diff_m": pytest.approx(0, abs=1e-3),
+    }
+    # bf16: a near-tie threshold of fp32 means nothing there, so agreement is a share and the largest differences
+    assert main([*argv, "--height", "48", "--width", "64", "--dtype", "bfloat16"]) == 0
+    bf16 = json.loads(capsys.readouterr().out)
+    assert bf16["identical"] is None and bf16["agreement"]["dtype"] == "bfloat16"
+    assert 0 <= bf16["agreement"]["identical_share"] <= 1 and bf16["agreement"]["max_value_diff_m"] >= 0
