@@ -1,10 +1,11 @@
 """Speed and memory options of a loaded model for training: gradient checkpointing, the packed attention kernel, and
 regional compilation of the decoder layers.
 
-Regional compilation compiles each language-model decoder layer rather than the whole model: the 36 layers of the
-3B share one graph (compiled once, in seconds on a GPU, about a minute on a CPU), which fuses the small elementwise
-kernels that make a step launch-bound (RMSNorm upcasts, rotary, SiLU x up, LoRA dropout / scale / add); everything
-else stays eager, so new shapes cost no whole-model recompilation (`dynamic=True`: lengths change every step).
+Regional compilation compiles each language-model decoder layer rather than the whole model: the layers share one
+graph (compiled once: about a minute for the tiny model on our CPU; not yet measured on a GPU), which fuses the
+small elementwise kernels that make a step launch-bound (RMSNorm upcasts, rotary, SiLU x up, LoRA dropout / scale /
+add); everything else stays eager, so new shapes cost no whole-model recompilation (`dynamic=True`: lengths change
+every step).
 """
 
 from __future__ import annotations
