@@ -25,6 +25,18 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def arch3b_ckpt(tmp_path_factory) -> Path:
+    """The Qwen2.5-VL-3B architecture at reduced depth (published widths and vocabulary, 2 text layers, 2 vision
+    blocks, random bf16 weights: 543 M parameters, 1.1 GB), written by `vlm-depth tiny --arch`."""
+    from vlm_depth.cli import main
+
+    out = tmp_path_factory.mktemp("arch3b") / "ckpt"
+    argv = ["tiny", "--arch", "qwen2.5-vl-3b", "--arch_layers", "2", "--arch_vision_depth", "2", "--out", str(out)]
+    assert main(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """`../shared/data` (real RGB-D frames); tests that need it are skipped with a reason when it is absent."""
     if not SHARED_DATA.is_dir():

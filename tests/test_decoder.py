@@ -147,7 +147,8 @@ def test_fast_decoder_equals_naive_generate_per_pixel(trained, mode, record_prop
     layout = chat_layout(model, processor.tokenizer)
     inputs, queries, kinds = _query_set(processor, layout, 256, seed=7)
     assert len(queries) == 256 and kinds.count("keep") == kinds.count("fill") == 128
-    decoder = QueryDecoder(model, layout, max_queries_per_pass=100)  # 3 chunks, the last one partial
+    # 3 chunks, the last one partial; check_forced: FLAG_FORCED as the naive decoder (full logits) reports it
+    decoder = QueryDecoder(model, layout, max_queries_per_pass=100, check_forced=True)
     fast = decoder.decode(decoder.encode_prefix(inputs), queries)
     naive = decode_naive(model, layout, inputs, queries)
     ties = naive.margin < NEAR_TIE
@@ -162,6 +163,27 @@ def test_fast_decoder_equals_naive_generate_per_pixel(trained, mode, record_prop
     np.testing.assert_array_equal(fast.flags[~ties], naive.flags[~ties])
     # A briefly trained model answers in metres, not at the grammar's limits.
     assert np.median(fast.value) < 20 and np.isfinite(fast.value).all()
+
+
+def test_grammar_head_gives_the_full_heads_answers(trained):
+    """Decoding computes only the 11 grammar rows of the LM head; with `check_forced` the full projection is added
+    for FLAG_FORCED alone. Both give the same greedy numbers and statistics, and the 11 rows' logits are the full
+    head's (float summation order aside)."""
+    from vlm_depth.infer.answers import FLAG_FORCED
+
+    model, processor = load_model(str(trained("coords")), device="cpu")
+    layout = chat_layout(model, processor.tokenizer)
+    inputs, queries, _ = _query_set(processor, layout, 24, seed=5)
+    decoders = [QueryDecoder(model, layout, max_queries_per_pass=16, check_forced=c) for c in (False, True)]
+    fast, checked = (d.decode(d.encode_prefix(inputs), queries) for d in decoders)
+    assert fast.tokens == checked.tokens
+    for field in ("value", "expected", "spread", "margin"):
+        np.testing.assert_array_equal(getattr(fast, field), getattr(checked, field))
+    np.testing.assert_array_equal(fast.flags, checked.flags & ~np.uint8(FLAG_FORCED))
+    assert (checked.flags & FLAG_FORCED).any() and not (fast.flags & FLAG_FORCED).any()
+    hidden = torch.randn(7, model.config.get_text_config().hidden_size)
+    full = model.get_output_embeddings()(hidden)[:, decoders[0].grammar.choice_ids]
+    torch.testing.assert_close(torch.nn.functional.linear(hidden, decoders[0].choice_weight), full, atol=1e-5, rtol=0)
 
 
 def test_layouts_and_prefix_sharing_give_the_same_answers(trained):
@@ -193,3 +215,15 @@ def test_bench_decoder_reports_speed_and_identical_answers(trained, capsys):
     assert keys <= set(result) and result["query_pixels"] == 12 and result["identical"] is True
     assert result["speedup"] == pytest.approx(result["fast_pixels_per_s"] / result["naive_pixels_per_s"])
     assert all(result["seconds"][k] > 0 for k in ("naive", "fast", "prefix", "decode", "forward"))
+    assert result["device"] == "cpu" and result["max_queries_per_pass"] == 128 and result["decode_tflop"] > 0
+    assert result["agreement"] == {
+        "dtype": "float32",
+        "identical_share": 1.0,
+        "max_value_diff_m": 0.0,
+        "max_expected_diff_m": pytest.approx(0, abs=1e-3),
+    }
+    # bf16: a near-tie threshold of fp32 means nothing there, so agreement is a share and the largest differences
+    assert main([*argv, "--height", "48", "--width", "64", "--dtype", "bfloat16"]) == 0
+    bf16 = json.loads(capsys.readouterr().out)
+    assert bf16["identical"] is None and bf16["agreement"]["dtype"] == "bfloat16"
+    assert 0 <= bf16["agreement"]["identical_share"] <= 1 and bf16["agreement"]["max_value_diff_m"] >= 0

@@ -26,6 +26,7 @@ LAYERS = {
     "eval": 5,
     "demo": 6,
     "bench": 6,
+    "bench_all": 6,
     "cli": 6,
     "__main__": 7,
     "__init__": 7,

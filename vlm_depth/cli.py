@@ -69,20 +69,38 @@ COMMANDS: dict[str, Command] = {
 
 @dataclass
 class TinyConfig:
-    """`vlm-depth tiny`: write the offline tiny Qwen2.5-VL checkpoint."""
+    """`vlm-depth tiny`: write the offline tiny Qwen2.5-VL checkpoint, or a real architecture with random weights."""
 
     out: str = option("Output folder (an ordinary Hugging Face checkpoint folder).", default="runs/tiny")
     seed: int = option("Seed for the random weights.", default=0)
-    hidden_size: int = option("Text hidden size (multiple of num_heads; head_dim must be 32).", default=128)
-    num_layers: int = option("Number of text decoder layers.", default=2)
-    vision_depth: int = option("Number of vision transformer blocks.", default=2)
-    max_pixels: int = option("Image processor max_pixels (28*28*tokens).", default=28 * 28 * 100)
+    arch: str = option(
+        "tiny, or qwen2.5-vl-3b / qwen2.5-vl-7b: the published architecture (random bf16 weights, the tiny "
+        "tokenizer, a pixel budget that keeps 640x480) for measurements without a download.",
+        default="tiny",
+    )
+    arch_layers: int = option("With --arch: text layers (0 = the published depth; fewer keep the widths).", default=0)
+    arch_vision_depth: int = option("With --arch: vision blocks (0 = the published 32).", default=0)
+    hidden_size: int = option("Tiny text hidden size (multiple of num_heads; head_dim must be 32).", default=128)
+    num_layers: int = option("Tiny: number of text decoder layers.", default=2)
+    vision_depth: int = option("Tiny: number of vision transformer blocks.", default=2)
+    max_pixels: int = option(
+        "Image processor max_pixels (28*28 per visual token); 0 = 28*28*100 (tiny) or 28*28*1280 (--arch).", default=0
+    )
     min_pixels: int = option("Image processor min_pixels.", default=28 * 28 * 4)
 
     def __post_init__(self) -> None:
         from vlm_depth.model.tiny import check_tiny_settings
 
-        check_tiny_settings(self.hidden_size, self.num_layers, self.vision_depth, self.min_pixels, self.max_pixels)
+        check_tiny_settings(
+            self.hidden_size,
+            self.num_layers,
+            self.vision_depth,
+            self.min_pixels,
+            self.max_pixels,
+            self.arch,
+            self.arch_layers,
+            self.arch_vision_depth,
+        )
 
 
 def run_tiny(cfg: TinyConfig) -> dict[str, Any]:

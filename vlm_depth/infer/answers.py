@@ -18,6 +18,7 @@ from vlm_depth.prompts.numbers import parse_meters
 
 # Per-query flags (bit mask).
 FLAG_FORCED = 1  # at some number position the model's top token over the whole vocabulary broke the grammar
+# (checked only on request: `check_forced`, since it needs the full vocabulary projection)
 FLAG_CLIPPED = 2  # the integer part hit its maximum length while the model wanted another digit (or, set by the
 # readout, the value exceeded the checkpoint's max_depth)
 FLAG_UNPARSEABLE = 4  # the decoded text did not parse (value is NaN); cannot happen under the grammar
@@ -95,58 +96,66 @@ class StepStats:
     gap: torch.Tensor
 
 
-def step_stats(grammar: NumberGrammar, logits: torch.Tensor, state: GrammarState) -> StepStats:
-    """Greedy grammar-constrained choice and its statistics from full-vocabulary logits (m, vocab)."""
-    sub = logits[:, grammar.choice_ids.to(logits.device)].float()
+def step_stats(
+    grammar: NumberGrammar, choice_logits: torch.Tensor, state: GrammarState, full_best: torch.Tensor | None = None
+) -> StepStats:
+    """Greedy grammar-constrained choice and its statistics from the logits of the 11 choices (m, 11) (digits 0-9,
+    the point). full_best: the choice index (-1 outside the grammar) of the top token over the whole vocabulary
+    (m,), which sets FLAG_FORCED where the grammar overruled it; None = not checked (flag never set)."""
+    sub = choice_logits.float()
     allowed = grammar.allowed(state)
     masked = sub.masked_fill(~allowed, -math.inf)
     top2 = masked.topk(2, dim=-1).values
     gap = torch.where(torch.isinf(top2[:, 1]), math.inf, top2[:, 0] - top2[:, 1])
-    full_best = grammar.choices_of(logits.argmax(dim=-1))
-    broke = (full_best < 0) | ~allowed.gather(1, full_best.clamp(min=0)[:, None])[:, 0]
     at_limit = (state.n_frac < 0) & (state.n_int >= grammar.max_int_digits) & ~state.lead_zero
     clipped = at_limit & (sub[:, :POINT].max(dim=-1).values > sub[:, POINT])
     mean, var = digit_moments(sub[:, :POINT])
-    flags = (broke.to(torch.uint8) * FLAG_FORCED) | (clipped.to(torch.uint8) * FLAG_CLIPPED)
+    flags = clipped.to(torch.uint8) * FLAG_CLIPPED
+    if full_best is not None:
+        broke = (full_best < 0) | ~allowed.gather(1, full_best.clamp(min=0)[:, None])[:, 0]
+        flags = flags | (broke.to(torch.uint8) * FLAG_FORCED)
     return StepStats(masked.argmax(dim=-1), mean, var, flags, gap)
 
 
 class AnswerRecorder:
-    """Per-step records of n queries decoded under the grammar: the choice, the digit mean and variance at every
-    step, the flags and the smallest near-tie gap; `answers()` turns them into `QueryAnswers`."""
+    """Per-step records of n queries decoded under the grammar, kept on `device` (one copy to the host at the end,
+    no sync per step): the choice, the digit mean and variance at every step, the flags and the smallest near-tie
+    gap; `answers()` turns them into `QueryAnswers`."""
 
-    def __init__(self, grammar: NumberGrammar, n: int) -> None:
+    def __init__(self, grammar: NumberGrammar, n: int, device: torch.device | str = "cpu") -> None:
         steps = grammar.max_tokens
         self.grammar = grammar
-        self.choices = np.full((n, steps), -1, dtype=np.int64)  # -1 = no step
-        self.means = np.zeros((n, steps), dtype=np.float32)
-        self.variances = np.zeros((n, steps), dtype=np.float32)
-        self.flags = np.zeros(n, dtype=np.uint8)
-        self.margin = np.full(n, np.inf, dtype=np.float32)
+        self.choices = torch.full((n, steps), -1, dtype=torch.long, device=device)  # -1 = no step
+        self.means = torch.zeros((n, steps), dtype=torch.float32, device=device)
+        self.variances = torch.zeros((n, steps), dtype=torch.float32, device=device)
+        self.flags = torch.zeros(n, dtype=torch.uint8, device=device)
+        self.margin = torch.full((n,), math.inf, dtype=torch.float32, device=device)
 
-    def record(self, rows: np.ndarray, step: int, stats: StepStats, choice: torch.Tensor) -> None:
-        """Step `step` of the queries `rows` (m,): their `stats` and the choice (m,) actually taken."""
-        self.choices[rows, step] = choice.cpu().numpy()
-        self.means[rows, step] = stats.mean.cpu().numpy()
-        self.variances[rows, step] = stats.var.cpu().numpy()
-        self.flags[rows] |= stats.flags.cpu().numpy()
-        self.margin[rows] = np.minimum(self.margin[rows], stats.gap.cpu().numpy())
+    def record(self, rows: torch.Tensor, step: int, stats: StepStats, choice: torch.Tensor) -> None:
+        """Step `step` of the queries `rows` (m,) (distinct): their `stats` and the choice (m,) actually taken."""
+        self.choices[rows, step] = choice
+        self.means[rows, step] = stats.mean.float()
+        self.variances[rows, step] = stats.var.float()
+        self.flags[rows] |= stats.flags
+        self.margin[rows] = torch.minimum(self.margin[rows], stats.gap.float())
 
     def answers(self) -> QueryAnswers:
         """The recorded steps as answers: text parsed by `parse_meters`, expected value and spread."""
         grammar, n = self.grammar, len(self.choices)
+        choices, means, variances = (t.cpu().numpy() for t in (self.choices, self.means, self.variances))
+        flags, margin = self.flags.cpu().numpy(), self.margin.cpu().numpy()
         values, expected, spread = (np.full(n, np.nan, dtype=np.float32) for _ in range(3))
         tokens = []
         choice_ids = grammar.choice_ids.tolist()
         digit_ids, point_id = choice_ids[:POINT], choice_ids[POINT]
-        for i, row in enumerate(self.choices):
+        for i, row in enumerate(choices):
             picked = [int(c) for c in row if c >= 0]
             tokens.append([choice_ids[c] for c in picked])
             places = digit_places(tokens[-1], digit_ids, point_id)
-            expected[i], spread[i] = number_moments(places, self.means[i], self.variances[i])
+            expected[i], spread[i] = number_moments(places, means[i], variances[i])
             parsed = parse_meters(grammar.text(picked))
             if parsed.ok:
                 values[i] = parsed.value
             else:
-                self.flags[i] |= FLAG_UNPARSEABLE
-        return QueryAnswers(values, expected, spread, self.flags, self.margin, tokens)
+                flags[i] |= FLAG_UNPARSEABLE
+        return QueryAnswers(values, expected, spread, flags, margin, tokens)

@@ -18,6 +18,11 @@ a chunk are implemented (`packing`): `batch` (default) puts one query per batch 
 grows linearly with the chunk; `packed` puts the whole chunk in one row (batch 1), so every token's own attention
 spans all blocks of the chunk (quadratic). `vlm-depth bench decoder --packing packed|batch` measures both (README).
 
+Only the 11 logits the grammar can choose (digits, point) are computed: the last hidden state of every decoded
+position is projected on those 11 rows of the LM head (a 151,936-row projection at 3B otherwise); `check_forced`
+adds the full projection's argmax to flag answers the grammar overruled (FLAG_FORCED). A pass holds at most
+`max_queries_per_pass` queries; -1 picks the device's default (`default_queries_per_pass`).
+
 Per query the decoder returns `vlm_depth.infer.answers.QueryAnswers`: the greedy value (meters), the expected value
 and a spread from the digit distributions along the greedy path, and flags; it never raises on a strange answer.
 The reference it is tested against, one `generate()` per pixel, is `vlm_depth.infer.naive.decode_naive`.
@@ -31,7 +36,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers.modeling_utils import slice_logits_to_keep
 
 from vlm_depth.errors import ConfigError, ModelError
 from vlm_depth.infer.answers import AnswerRecorder, QueryAnswers, step_stats
@@ -59,10 +66,11 @@ class PrefixCache:
 class QueryDecoder:
     """Answers pixel queries about one image: `encode_prefix(inputs)` once, then `decode(prefix, queries)`.
 
-    model: a `DepthVLM` (uses `encode_images`, `embed_inputs` and the forward with `inputs_embeds`, 3-D
-    `position_ids`, a 4-D mask and `past_key_values`). layout: the `ChatLayout` the checkpoint was trained with.
-    packing: `batch` (one query per row) or `packed` (a chunk in one row); share_common_prefix: encode a chunk's
-    common leading tokens once.
+    model: a `DepthVLM` (uses `encode_images`, `embed_inputs`, its inner model with `inputs_embeds`, 3-D
+    `position_ids`, a 4-D mask and `past_key_values`, and its LM head). layout: the `ChatLayout` the checkpoint was
+    trained with. max_queries_per_pass: queries per pass, -1 = the device's default. packing: `batch` (one query
+    per row) or `packed` (a chunk in one row); share_common_prefix: encode a chunk's common leading tokens once;
+    check_forced: also compute the full vocabulary's argmax for FLAG_FORCED.
     """
 
     def __init__(
@@ -70,12 +78,17 @@ class QueryDecoder:
         model,
         layout: ChatLayout,
         *,
-        max_queries_per_pass: int = 128,
+        max_queries_per_pass: int = -1,
         packing: Packing = "batch",
         share_common_prefix: bool = True,
+        check_forced: bool = False,
     ) -> None:
+        if max_queries_per_pass == -1:
+            max_queries_per_pass = default_queries_per_pass(model)
         if max_queries_per_pass < 1:
-            raise ConfigError(f"max_queries_per_pass must be >= 1, got {max_queries_per_pass}")
+            raise ConfigError(
+                f"max_queries_per_pass must be >= 1 (or -1: the device's default), got {max_queries_per_pass}"
+            )
         if packing not in ("batch", "packed"):
             raise ConfigError(f"packing must be 'batch' or 'packed', got {packing!r}")
         for method in ("encode_images", "embed_inputs"):
@@ -89,6 +102,10 @@ class QueryDecoder:
         self.share_common_prefix = share_common_prefix
         self.pad_id = layout.tokenizer.pad_token_id or 0  # padding is masked; any id will do
         self.pointer_id = getattr(model, "pointer_token_id", None)
+        self.check_forced = check_forced
+        head = model.get_output_embeddings()
+        self.choice_weight = head.weight.detach()[self.grammar.choice_ids.to(head.weight.device)]  # (11, hidden)
+        self.choice_bias = None if head.bias is None else head.bias.detach()[self.grammar.choice_ids]
 
     @property
     def device(self) -> torch.device:
@@ -156,7 +173,7 @@ class QueryDecoder:
             for start in range(0, len(unique), self.max_queries_per_pass):
                 self._prefill(prefix, unique[start : start + self.max_queries_per_pass])
 
-    def _shared_length(self, blocks: list[list[int]]) -> int:
+    def shared_length(self, blocks: list[list[int]]) -> int:
         """Tokens all blocks start with (before any pointer token), keeping at least one own token per block."""
         if not self.share_common_prefix or len(blocks) < 2:
             return 0
@@ -176,20 +193,27 @@ class QueryDecoder:
             ids, image_embeds=prefix.image_embeds, pointer_xy=pointer_xy, image_grid_thw=prefix.image_grid_thw
         )
 
-    def _forward(self, embeds, positions, segments, cache, prefix: PrefixCache, logits_to_keep) -> torch.Tensor:
+    def _forward(
+        self, embeds, positions, segments, cache, prefix: PrefixCache, logits_to_keep
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One forward of `embeds` (B, n, hidden) at `positions` (3, B, n) over the prefix and `cache` (the rows'
-        own earlier tokens); `segments` (B, L): segment ids of the cached + new own tokens. Returns the kept logits
-        flattened to (kept, vocab)."""
-        out = self.model(
+        own earlier tokens); `segments` (B, L): segment ids of the cached + new own tokens. Returns the logits of
+        the 11 grammar choices at the kept positions (kept, 11), and with `check_forced` the choice index of the
+        full vocabulary's argmax there (kept,) (-1 outside the grammar), else None."""
+        hidden = self.model.model(
             inputs_embeds=embeds,
             position_ids=positions,
             attention_mask=block_attention_mask(segments, num_new=embeds.shape[1], dtype=embeds.dtype),
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=logits_to_keep,
             prefix_kv=prefix.key_values,
-        )
-        return out.logits.reshape(-1, out.logits.shape[-1])
+        ).last_hidden_state
+        hidden = slice_logits_to_keep(hidden, logits_to_keep)
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        full_best = None
+        if self.check_forced:
+            full_best = self.grammar.choices_of(self.model.get_output_embeddings()(hidden).argmax(dim=-1))
+        return F.linear(hidden, self.choice_weight.to(hidden.dtype), self.choice_bias), full_best
 
     def _extend(self, prefix: PrefixCache, token_ids: Sequence[int]) -> PrefixCache:
         """The prefix followed by `token_ids` (text shared by a chunk's blocks, no pointer), encoded once per image
@@ -245,7 +269,7 @@ class QueryDecoder:
         from transformers import DynamicCache
 
         blocks = [list(ids) for ids, _ in chunk]
-        base = self._extend(prefix, blocks[0][: self._shared_length(blocks)])
+        base = self._extend(prefix, blocks[0][: self.shared_length(blocks)])
         rests = [b[base.length - prefix.length :] for b in blocks]
         pointer_xy = None
         if self.pointer_id is not None and any(self.pointer_id in r for r in rests):
@@ -258,22 +282,23 @@ class QueryDecoder:
 
     def _decode_chunk(self, prefix: PrefixCache, chunk: list[tuple[tuple[int, ...], tuple]]) -> QueryAnswers:
         grammar, device = self.grammar, self.device
-        base, cache, segments, next_position, logits = self._prefill(prefix, chunk)
+        base, cache, segments, next_position, (logits, full_best) = self._prefill(prefix, chunk)
         n = len(chunk)
         batched = self.packing == "batch"
         choice_ids = grammar.choice_ids.to(device)
-        record = AnswerRecorder(grammar, n)
+        record = AnswerRecorder(grammar, n, device)
         active = torch.arange(n, device=device)
         state = grammar.start(n, device)
         for step in range(grammar.max_tokens):
-            stats = step_stats(grammar, logits, state)
-            record.record(active.cpu().numpy(), step, stats, stats.choice)
+            stats = step_stats(grammar, logits, state, full_best)
+            record.record(active, step, stats, stats.choice)
             choice = stats.choice
             state = grammar.advance(state, choice)
             going = ~grammar.done(state)
-            if not bool(going.any()):
+            remaining = int(going.sum())  # the step's one host sync
+            if not remaining:
                 break
-            if not bool(going.all()):
+            if remaining < len(active):
                 kept = going.nonzero().squeeze(1)
                 active, state, choice = active[kept], state.select(kept), choice[kept]
                 if batched:
@@ -285,7 +310,29 @@ class QueryDecoder:
             segments = torch.cat([segments, torch.ones_like(new_ids) if batched else (active + 1).view(shape)], 1)
             positions = next_position[active].view(1, *shape).expand(3, *shape)
             next_position[active] += 1
-            logits = self._forward(
+            logits, full_best = self._forward(
                 self._embed(new_ids, base, None), positions, segments, cache, base, 1 if batched else 0
             )
         return record.answers()
+
+
+def decode_bytes_per_query(config, block_tokens: int = 66, steps: int = 8) -> int:
+    """Peak bytes one query adds to a decoding pass on a GPU (bf16): its own KV cache (block and number tokens,
+    every layer), one layer's transient activations of its block (q, k, v, o and 3 MLP widths per token) and its
+    11 fp32 choice logits."""
+    text = config.get_text_config()
+    head_dim = text.hidden_size // text.num_attention_heads
+    kv = text.num_hidden_layers * (block_tokens + steps) * 2 * text.num_key_value_heads * head_dim * 2
+    return kv + block_tokens * (4 * text.hidden_size + 3 * text.intermediate_size) * 2 + 11 * 4
+
+
+def default_queries_per_pass(model, share: float = 0.5, largest: int = 4096) -> int:
+    """Queries per pass on the model's device: 128 on a CPU (measured fastest: cache-sized passes); on a GPU the
+    largest power of two whose `decode_bytes_per_query` fit in `share` of the free memory, in [128, `largest`]
+    (4096: a whole 640x480 grid at stride 9 in one pass on an H200; about 512 on a 24 GB card with the 3B)."""
+    device = model.get_input_embeddings().weight.device
+    if device.type != "cuda":
+        return 128
+    free = torch.cuda.mem_get_info(device)[0]
+    fits = int(free * share // decode_bytes_per_query(model.config))
+    return max(128, min(largest, 2 ** max(fits, 1).bit_length() // 2))

@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -41,14 +40,16 @@ def decode_naive(
 ) -> QueryAnswers:
     """Reference decoder: one `model.generate()` per query on the full sequence (prefix + block, image and depth
     re-encoded every time), greedy under the same grammar (`GrammarLogitsProcessor`). The expected value, spread,
-    flags and margins come from the raw logits of each generated step, computed as in `QueryDecoder`."""
+    flags (FLAG_FORCED always checked: the full logits are there) and margins come from the raw logits of each
+    generated step, computed as in `QueryDecoder`."""
     from transformers import LogitsProcessorList
 
     grammar = NumberGrammar.from_layout(layout)
     eos = layout.tokenizer.eos_token_id
     device = model.get_input_embeddings().weight.device
     steps = grammar.max_tokens
-    record = AnswerRecorder(grammar, len(queries))
+    record = AnswerRecorder(grammar, len(queries), device)
+    choice_ids = grammar.choice_ids.to(device)
     for i, query in enumerate(tqdm(queries, desc="naive generate", unit="query", disable=not progress)):
         args = _naive_inputs(inputs, query, device)
         length = args["input_ids"].shape[1]
@@ -67,8 +68,9 @@ def decode_naive(
         for step, token in enumerate(number.tolist()):
             if bool(grammar.done(state)[0]):
                 break
-            stats = step_stats(grammar, out.logits[step].to(device), state)
+            logits = out.logits[step].to(device)
+            stats = step_stats(grammar, logits[:, choice_ids], state, grammar.choices_of(logits.argmax(dim=-1)))
             choice = grammar.choices_of(torch.tensor([token], device=device))
-            record.record(np.array([i]), step, stats, choice)
+            record.record(torch.tensor([i], device=device), step, stats, choice)
             state = grammar.advance(state, choice.clamp(min=0))
     return record.answers()

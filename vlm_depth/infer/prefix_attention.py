@@ -22,6 +22,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from vlm_depth.errors import ModelError
+from vlm_depth.model.packed_attention import NAME as PACKED_ATTENTION
 
 ATTENTION_NAME = "vlm_depth_shared_prefix"
 
@@ -32,14 +33,25 @@ def attention_with_lse(
     """Softmax attention (B, H, n, D) and its log-sum-exp (B, H, n) in float32, for queries (B, H, n, D) over keys
     and values (B', H, L, D) (B' = B or 1) with an additive mask (broadcast to (B, H, n, L)) or None.
 
-    fused: use PyTorch's CPU flash-attention kernel, which returns the log-sum-exp (about 4x faster than the plain
-    computation on CPU); otherwise (and on other devices) scores are materialised in float32.
+    fused: use a PyTorch kernel that returns the log-sum-exp: on CPU the flash-attention kernel (about 4x faster than
+    the plain computation); on CUDA, without a mask (the prefix part), flash attention for bf16/fp16 and the
+    memory-efficient kernel for fp32 (not run on a GPU yet). Otherwise scores are materialised in float32.
     """
     if fused and query.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query, key, value, 0.0, False, attn_mask=mask, scale=scale
         )
         return out.float(), lse.float()
+    if fused and query.is_cuda and mask is None:
+        if query.dtype in (torch.float16, torch.bfloat16):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, False, scale=scale)[
+                :2
+            ]
+        else:  # the log-sum-exp comes padded to a multiple of 32 queries
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+                query, key, value, None, True, 0.0, False, scale=scale
+            )[:2]
+        return out.float(), lse[..., : query.shape[2]].float()
     scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale
     if mask is not None:
         scores = scores + mask.float()
@@ -110,7 +122,7 @@ def shared_prefix_attention(model) -> Iterator[None]:
     calls then pass `prefix_kv=` (per layer (1, H_kv, P, D) keys and values) and the mask of the non-prefix tokens."""
     config = model.model.language_model.config
     before = config._attn_implementation
-    if before not in ("sdpa", "eager"):
+    if before not in ("sdpa", "eager", PACKED_ATTENTION):  # packed attention is SDPA outside packed training
         raise ModelError(f"the shared-prefix decoder runs on sdpa/eager attention models, not {before!r}")
     config._attn_implementation = ATTENTION_NAME
     try:

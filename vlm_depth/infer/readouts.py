@@ -21,7 +21,7 @@ import torch
 
 from vlm_depth.config import check_options, option
 from vlm_depth.depth import valid_mask
-from vlm_depth.errors import ModelError
+from vlm_depth.errors import ConfigError, ModelError
 from vlm_depth.infer.answers import FLAG_CLIPPED, QueryAnswers
 from vlm_depth.infer.assemble import assemble, cell_pixels, refinement_pixels, stride_for_budget
 from vlm_depth.infer.decoder import Packing, QueryDecoder
@@ -40,9 +40,18 @@ class ReadoutSettings:
     refine_by: Literal["edges", "uncertainty", "both"] = option(
         "What places the extra queries: edges, uncertainty or both.", default="both"
     )
-    max_queries_per_pass: int = option("Queries decoded together against the cached prefix (memory).", default=128)
+    max_queries_per_pass: int = option(
+        "Queries decoded together against the cached prefix (memory); -1 = the device's default: 128 on a CPU, on a "
+        "GPU as many as fit half its free memory (128-4096).",
+        default=-1,
+    )
     packing: Packing = option("Decoder layout: batch (a query per row) or packed (a chunk per row).", default="batch")
     refine_keep: bool = option("Query valid input pixels too and smooth them (default: keep them).", default=False)
+    check_forced: bool = option(
+        "Also project every decoded position on the whole vocabulary to count answers whose number the grammar "
+        "forced (stats `forced`); off: only the 11 number tokens are computed and `forced` is null.",
+        default=False,
+    )
     max_input_pixels: int = option(
         "Largest input image in pixels (0 = no limit). A completion needs about 250 bytes of memory per input pixel, "
         "so the default 16 MP (4K video frames, 12 MP photos) stays near 4 GB; downscale larger images.",
@@ -50,8 +59,10 @@ class ReadoutSettings:
     )
 
     def __post_init__(self) -> None:
-        minimums = {"query_budget": 1, "stride": 0, "refine_queries": 0, "max_queries_per_pass": 1}
+        minimums = {"query_budget": 1, "stride": 0, "refine_queries": 0, "max_queries_per_pass": -1}
         check_options(self, minimums | {"max_input_pixels": 0})
+        if self.max_queries_per_pass == 0:
+            raise ConfigError("--max_queries_per_pass must be >= 1, or -1 for the device's default; got 0")
 
 
 @dataclass
@@ -115,7 +126,13 @@ def query_readout(
     timings: dict[str, float] = {}
     start = time.perf_counter()
     layout = chat_layout(model, processor.tokenizer)
-    decoder = QueryDecoder(model, layout, max_queries_per_pass=settings.max_queries_per_pass, packing=settings.packing)
+    decoder = QueryDecoder(
+        model,
+        layout,
+        max_queries_per_pass=settings.max_queries_per_pass,
+        packing=settings.packing,
+        check_forced=settings.check_forced,
+    )
     valid = valid_mask(sparse)
     inputs = processor(rgb, sparse if valid.any() else None, text=layout.prefix_text())
     prefix = decoder.encode_prefix(inputs)
@@ -150,7 +167,7 @@ def query_readout(
         start = time.perf_counter()
         depth, uncertainty = fill(rows, cols, answers)
         timings["assemble_s"] += time.perf_counter() - start
-    counts = answers.counts()
+    counts = answers.counts() | ({} if settings.check_forced else {"forced": None})
     if counts["unparseable"] or counts["clipped"]:
         logger.warning(
             "%d of %d answers unparseable (no prediction), %d clipped",

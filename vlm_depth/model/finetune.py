@@ -106,3 +106,55 @@ def trainable_parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]
         if param.requires_grad:
             groups["branch" if is_branch_key(name) else "backbone"].append(param)
     return groups
+
+
+def load_trainable(
+    path: str,
+    finetune: str = "lora",
+    *,
+    branch=None,
+    max_pixels: int = 0,
+    process_index: int = 0,
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.05,
+    lora_targets: Sequence[str] = LLM_TARGETS,
+    train_vision: bool = False,
+):
+    """(model, processor) of the checkpoint `path` for training `finetune` (see `set_trainable`), through the one
+    loader, left on the CPU (or on GPU `process_index` for qlora, placed by bitsandbytes) for the trainer to place:
+    frozen weights in bf16 when a GPU is there (halves memory; fp32 otherwise and for `full`), NF4 for qlora, the
+    trainable weights in fp32. branch: the depth-branch config of a fresh branch; max_pixels: processor budget."""
+    import torch
+
+    from vlm_depth.model.loading import load_model
+
+    cuda = torch.cuda.is_available()
+    model, processor = load_model(
+        path,
+        device=None,
+        dtype=torch.bfloat16 if cuda and finetune != "full" else torch.float32,
+        branch=branch,
+        quantization="nf4" if finetune == "qlora" else None,
+        adapter_trainable=True,
+        max_pixels=max_pixels,
+        device_map={"": process_index} if finetune == "qlora" and cuda else None,
+    )
+    set_trainable(
+        model,
+        finetune,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        lora_targets=lora_targets,
+        train_vision=train_vision,
+    )
+    trainable_to_fp32(model)
+    return model, processor
+
+
+def trainable_to_fp32(model: nn.Module) -> None:
+    """Keep every trainable weight in fp32 (optimiser updates in full precision over bf16 frozen weights)."""
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()

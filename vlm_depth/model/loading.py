@@ -13,6 +13,7 @@ from vlm_depth.model.checkpoint import locate_checkpoint
 from vlm_depth.model.depth_vlm import DepthVLM
 from vlm_depth.model.pointer import add_pointer_token
 from vlm_depth.model.processor import DepthProcessor
+from vlm_depth.model.vision_attention import use_window_attention
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -78,6 +79,7 @@ def load_model(
     )
     if target is not None and device_map is None:
         model = model.to(target)
+    use_window_attention(model)  # one attention call per vision block on CUDA; transformers' loop elsewhere
     processor = DepthProcessor.from_pretrained(path, template=model.depth_cfg.template)
     if max_pixels:
         set_max_pixels(processor, max_pixels)

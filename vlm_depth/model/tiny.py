@@ -3,7 +3,9 @@ that splits numbers into single digits (like Qwen2's), and the real Qwen2.5-VL p
 
 The folder it writes is an ordinary Hugging Face checkpoint: `Qwen2_5_VLForConditionalGeneration.from_pretrained`
 and `AutoProcessor.from_pretrained` load it with no network, through the same code path as
-`Qwen/Qwen2.5-VL-3B-Instruct`.
+`Qwen/Qwen2.5-VL-3B-Instruct`. With `arch` it writes the real architecture instead (`ARCHS`: the published
+config.json values of Qwen2.5-VL-3B / 7B, random bf16 weights, the same tiny tokenizer): GPU measurements of the
+real shapes without a download, or at reduced depth (same widths) on a CPU.
 """
 
 from __future__ import annotations
@@ -47,6 +49,61 @@ CHAT_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+# Published config.json values of Qwen/Qwen2.5-VL-3B-Instruct and -7B-Instruct. Token ids are the tiny tokenizer's
+# (ids beyond it are never produced); every other text and vision value is the published one.
+_VISION = dict(
+    depth=32,
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    in_channels=3,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=112,
+    fullatt_block_indexes=[7, 15, 23, 31],
+    tokens_per_second=2,
+)
+_TEXT = dict(
+    max_position_embeddings=128000,
+    rms_norm_eps=1e-6,
+    sliding_window=32768,
+    use_sliding_window=False,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+)
+ARCHS: dict[str, dict[str, Any]] = {
+    "qwen2.5-vl-3b": dict(
+        text=_TEXT
+        | dict(
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            max_window_layers=70,
+        ),
+        vision=_VISION | dict(out_hidden_size=2048),
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-vl-7b": dict(
+        text=_TEXT
+        | dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+            max_window_layers=28,
+        ),
+        vision=_VISION | dict(out_hidden_size=3584),
+        tie_word_embeddings=False,
+    ),
+}
+ARCH_MAX_PIXELS = 28 * 28 * 1280  # keeps 640x480 at its size (smart_resize: 644x476, 391 merged tokens)
+TINY_MAX_PIXELS = 28 * 28 * 100
 
 _BASE_TEXT = [
     "system",
@@ -114,41 +171,16 @@ def build_tokenizer(vocab_size: int = 640):
     return tokenizer
 
 
-def tiny_config(tokenizer, hidden_size: int = 128, num_layers: int = 2, vision_depth: int = 2):
-    """A small but structurally complete Qwen2_5_VLConfig (M-RoPE sections sum to head_dim / 2)."""
+def _qwen_config(tokenizer, text: dict[str, Any], vision: dict[str, Any], tie: bool):
+    """Qwen2_5_VLConfig from text and vision settings, with the special-token ids of `tokenizer`."""
     from transformers import Qwen2_5_VLConfig
 
-    heads = hidden_size // 32
-    vocab = (len(tokenizer) + 63) // 64 * 64
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text = dict(
-        vocab_size=vocab,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2),
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
+    text = text | dict(
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False,
-    )
-    vision = dict(
-        depth=vision_depth,
-        hidden_size=64,
-        intermediate_size=128,
-        num_heads=2,
-        in_channels=3,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        window_size=112,
-        out_hidden_size=hidden_size,
-        fullatt_block_indexes=[vision_depth - 1],
-        tokens_per_second=2,
+        tie_word_embeddings=tie,
     )
     return Qwen2_5_VLConfig(
         text_config=text,
@@ -157,8 +189,47 @@ def tiny_config(tokenizer, hidden_size: int = 128, num_layers: int = 2, vision_d
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
     )
+
+
+def tiny_config(tokenizer, hidden_size: int = 128, num_layers: int = 2, vision_depth: int = 2):
+    """A small but structurally complete Qwen2_5_VLConfig (M-RoPE sections sum to head_dim / 2)."""
+    heads = hidden_size // 32
+    text = dict(
+        vocab_size=(len(tokenizer) + 63) // 64 * 64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
+    )
+    vision = _VISION | dict(
+        depth=vision_depth,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=2,
+        out_hidden_size=hidden_size,
+        fullatt_block_indexes=[vision_depth - 1],
+    )
+    return _qwen_config(tokenizer, text, vision, tie=False)
+
+
+def arch_config(tokenizer, arch: str, num_layers: int = 0, vision_depth: int = 0):
+    """The published Qwen2_5_VLConfig of `arch` (a key of `ARCHS`) with the token ids of `tokenizer`. num_layers /
+    vision_depth > 0 reduce the depth (same widths); full-attention vision blocks keep the published rule (every
+    8th block), or the last block of a tower shorter than 8."""
+    spec = ARCHS[arch]
+    text, vision = dict(spec["text"]), dict(spec["vision"])
+    if num_layers:
+        text["num_hidden_layers"] = num_layers
+    if vision_depth:
+        vision["depth"] = vision_depth
+        vision["fullatt_block_indexes"] = [i for i in range(vision_depth) if i % 8 == 7] or [vision_depth - 1]
+    return _qwen_config(tokenizer, text, vision, tie=spec["tie_word_embeddings"])
 
 
 def build_processor(tokenizer, min_pixels: int, max_pixels: int):
@@ -177,14 +248,28 @@ def build_processor(tokenizer, min_pixels: int, max_pixels: int):
 
 
 def check_tiny_settings(
-    hidden_size: int, num_layers: int, vision_depth: int, min_pixels: int, max_pixels: int
+    hidden_size: int,
+    num_layers: int,
+    vision_depth: int,
+    min_pixels: int,
+    max_pixels: int,
+    arch: str = "tiny",
+    arch_layers: int = 0,
+    arch_vision_depth: int = 0,
 ) -> None:
-    """ConfigError for tiny-checkpoint settings that cannot build a working model."""
+    """ConfigError for tiny-checkpoint settings that cannot build a working model (max_pixels 0 = the
+    architecture's budget)."""
+    if arch != "tiny" and arch not in ARCHS:
+        raise ConfigError(f"tiny: --arch must be tiny or one of {sorted(ARCHS)}, got {arch!r}")
+    if arch == "tiny" and (arch_layers or arch_vision_depth):
+        raise ConfigError("tiny: --arch_layers / --arch_vision_depth reduce an --arch; the tiny one has --num_layers")
+    if arch != "tiny" and (hidden_size, num_layers, vision_depth) != (128, 2, 2):
+        raise ConfigError(f"tiny: --arch {arch} has its published widths; reduce its depth with --arch_layers")
     if hidden_size < 32 or hidden_size % 32:
         raise ConfigError(f"tiny: hidden_size must be a positive multiple of 32 (head_dim 32), got {hidden_size}")
-    if num_layers < 1 or vision_depth < 1:
+    if num_layers < 1 or vision_depth < 1 or arch_layers < 0 or arch_vision_depth < 0:
         raise ConfigError(f"tiny: num_layers and vision_depth must be >= 1, got {num_layers} and {vision_depth}")
-    if not 0 < min_pixels <= max_pixels:
+    if not 0 < min_pixels <= (max_pixels or TINY_MAX_PIXELS):
         raise ConfigError(f"tiny: need 0 < min_pixels <= max_pixels, got {min_pixels} and {max_pixels}")
 
 
@@ -195,12 +280,19 @@ def build_tiny_checkpoint(
     hidden_size: int = 128,
     num_layers: int = 2,
     vision_depth: int = 2,
-    max_pixels: int = 28 * 28 * 100,
+    max_pixels: int = 0,
     min_pixels: int = 28 * 28 * 4,
+    arch: str = "tiny",
+    arch_layers: int = 0,
+    arch_vision_depth: int = 0,
 ) -> dict[str, Any]:
     """Write the tiny checkpoint folder `out` (random weights from `seed`; text width `hidden_size` with head_dim
-    32, `num_layers` text layers, `vision_depth` vision blocks, the processor's pixel budget); returns a summary
-    (path, parameter count, vocabulary size). The settings are recorded in `vlm_depth_tiny.yaml`, written last.
+    32, `num_layers` text layers, `vision_depth` vision blocks, the processor's pixel budget, 0 = 28*28*100);
+    returns a summary (path, parameter count, vocabulary size). The settings are recorded in `vlm_depth_tiny.yaml`,
+    written last.
+
+    arch: `tiny`, or a key of `ARCHS` for the published architecture (random bf16 weights, drawn on the GPU when
+    there is one; `arch_layers` / `arch_vision_depth` > 0 reduce its depth; budget 0 = `ARCH_MAX_PIXELS`).
 
     The folder appears whole or not at all (built beside it, then renamed), and the global torch RNG is left as it
     was: a training process that builds its base gives the same run as one that finds it built."""
@@ -208,8 +300,11 @@ def build_tiny_checkpoint(
     import yaml
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
-    check_tiny_settings(hidden_size, num_layers, vision_depth, min_pixels, max_pixels)
+    check_tiny_settings(
+        hidden_size, num_layers, vision_depth, min_pixels, max_pixels, arch, arch_layers, arch_vision_depth
+    )
     out = Path(out)
+    max_pixels = max_pixels or (TINY_MAX_PIXELS if arch == "tiny" else ARCH_MAX_PIXELS)
     settings = dict(
         out=str(out),
         seed=seed,
@@ -220,10 +315,20 @@ def build_tiny_checkpoint(
         min_pixels=min_pixels,
     )
     tokenizer = build_tokenizer()
-    config = tiny_config(tokenizer, hidden_size, num_layers, vision_depth)
-    with torch.random.fork_rng(devices=[]):
+    if arch == "tiny":
+        config, device = tiny_config(tokenizer, hidden_size, num_layers, vision_depth), "cpu"
+    else:
+        for key in ("hidden_size", "num_layers", "vision_depth"):  # the tiny architecture's, not this one's
+            del settings[key]
+        settings |= dict(arch=arch, arch_layers=arch_layers, arch_vision_depth=arch_vision_depth)
+        config = arch_config(tokenizer, arch, arch_layers, arch_vision_depth)
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # billions of random numbers: fast on a GPU
+    with torch.random.fork_rng(devices=[0] if device == "cuda" else []), torch.device(device):
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config).eval()
+        if arch == "tiny":
+            model = Qwen2_5_VLForConditionalGeneration(config).eval()
+        else:  # bf16 as published (and recorded in config.json)
+            model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16).eval()
     text = config.text_config
     model.generation_config = GenerationConfig(
         bos_token_id=text.bos_token_id,
@@ -238,6 +343,7 @@ def build_tiny_checkpoint(
         (tmp / TINY_SETTINGS).write_text(yaml.safe_dump(settings, sort_keys=False))
     return {
         "out": str(out),
+        "arch": arch,
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": config.text_config.vocab_size,
         "tokenizer_size": len(tokenizer),

@@ -119,34 +119,22 @@ def base_checkpoint(cfg: TrainConfig, accelerator: Accelerator | None = None) ->
 
 
 def load_for_training(cfg: TrainConfig, accelerator: Accelerator | None = None) -> tuple[DepthVLM, DepthProcessor]:
-    """The model and processor of `cfg.model` (through the one loader) with the weights of `cfg.finetune` (and the
-    MDM head of `cfg.mdm_mode`) switched to trainable, in fp32."""
+    """The model and processor of `cfg.model` (`vlm_depth.model.finetune.load_trainable`) with the weights of
+    `cfg.finetune` (and the MDM head of `cfg.mdm_mode`) switched to trainable in fp32, and the speed options."""
     from vlm_depth.model.branch_config import DepthBranchConfig
-    from vlm_depth.model.finetune import set_trainable
-    from vlm_depth.model.loading import load_model
+    from vlm_depth.model.finetune import load_trainable, trainable_to_fp32
+    from vlm_depth.model.speed import speed_options
 
     path = base_checkpoint(cfg, accelerator)
     fresh = not DepthBranchConfig.exists(path)
     if not fresh and DepthBranchConfig.load(path) != cfg.branch_config():
         logger.warning("%s has its own depth-branch config; the recipe's branch keys are ignored", path)
-    cuda = torch.cuda.is_available()
-    device_map = None
-    if cfg.finetune == "qlora" and cuda:  # bitsandbytes places the weights at load time: this process's GPU
-        device_map = {"": accelerator.local_process_index if accelerator is not None else 0}
-    model, processor = load_model(
+    model, processor = load_trainable(
         path,
-        device=None,  # accelerate places the model
-        # Frozen weights in bf16 on GPU (halves memory); trainable weights are kept in fp32 below.
-        dtype=torch.bfloat16 if cuda and cfg.finetune != "full" else torch.float32,
-        branch=cfg.branch_config() if fresh else None,
-        quantization="nf4" if cfg.finetune == "qlora" else None,
-        adapter_trainable=True,
-        max_pixels=cfg.max_pixels,
-        device_map=device_map,
-    )
-    set_trainable(
-        model,
         cfg.finetune,
+        branch=cfg.branch_config() if fresh else None,
+        max_pixels=cfg.max_pixels,
+        process_index=accelerator.local_process_index if accelerator is not None else 0,
         lora_r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
@@ -154,9 +142,13 @@ def load_for_training(cfg: TrainConfig, accelerator: Accelerator | None = None) 
         train_vision=cfg.train_vision,
     )
     prepare_mdm_model(model, cfg)
-    for param in model.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
+    trainable_to_fp32(model)  # a fresh MDM head
+    speed_options(
+        model,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        packed_attention=cfg.packed_attention,
+        compile=cfg.compile,
+    )
     return model, processor
 
 
@@ -187,7 +179,8 @@ def make_optimizer(cfg: TrainConfig, model: DepthVLM, max_steps: int):
     params = [{"params": p, "lr": lrs[name], "name": name} for name, p in groups.items() if p]
     if not params:
         raise ConfigError("nothing to train: no parameter requires a gradient")
-    optimizer = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
+    # One fused kernel for all parameters on CUDA; the CPU keeps the default (for-each) update.
+    optimizer = torch.optim.AdamW(params, weight_decay=cfg.weight_decay, fused=torch.cuda.is_available())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg, max_steps=max_steps))
     return optimizer, scheduler
 
@@ -277,7 +270,7 @@ def setup(cfg: TrainConfig) -> Run:
     images = open_images(cfg.dataset, cfg.split, cfg.num_images, cfg.seed)
     stream = PackedQueryStream(images, ExampleBuilder(processor, layout, query_spec(cfg)), cfg.seed, cfg.cache_images)
     max_steps = resolve_max_steps(cfg, len(images), accelerator.num_processes)
-    packed = PackedModel(model, cfg.mdm_mode)
+    packed = PackedModel(model, cfg.mdm_mode, flex=cfg.packed_attention == "flex")
     if cfg.sharding == "fsdp":
         shard(packed.to(accelerator.device), model, bf16=accelerator.mixed_precision == "bf16")
     optimizer, scheduler = make_optimizer(cfg, model, max_steps)

@@ -1,11 +1,12 @@
 """Sharded data parallelism for `sharding: fsdp`: PyTorch FSDP2 (`fully_shard`) over the training processes.
 
-Every vision block is its own FSDP unit, then the whole `PackedModel` (the language model included, see `shard`):
-weights, gradients and AdamW states are split across the processes and weights gathered one unit at a time, which
-is what a full fine-tune of the 3B/7B models needs (the AdamW states and gradients, 3x the weights in fp32, are what
-no longer fit one GPU). accelerate still launches the processes (`accelerate launch --config_file
-launch/fsdp.yaml`), chooses the device and runs autocast; the sharding is applied here rather than by
-accelerate's FSDP plugin, which does not run on the CPU (gloo), where the tests check it against one process.
+Every vision block and every decoder layer is its own FSDP unit, then the rest of the `PackedModel` (embeddings, LM
+head, depth branch, merger) is the root unit: weights, gradients and AdamW states are split across the processes and
+weights gathered one unit at a time (the packed forward calls each layer once), which is what a full fine-tune of
+the 3B/7B models needs (the AdamW states and gradients, 3x the weights in fp32, are what no longer fit one GPU).
+accelerate still launches the processes (`accelerate launch --config_file launch/fsdp.yaml`), chooses the device and
+runs autocast; the sharding is applied here rather than by accelerate's FSDP plugin, which does not run on the CPU
+(gloo), where the tests check it against one process.
 
 Checkpoints stay those of an unsharded run: the trainable weights are gathered into the one safetensors file
 (`gather_state`) and scattered back on resume (`scatter_state`), and the AdamW state is gathered into a safetensors
@@ -24,19 +25,15 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def shard(packed: torch.nn.Module, model: torch.nn.Module, bf16: bool) -> None:
-    """FSDP2 in place: each vision block of the DepthVLM `model`, then `packed` (its `PackedModel`, the module
-    whose forward training calls) as the root. bf16: compute in bf16, reduce gradients
-    in fp32 (GPU recipes); else everything in the parameters' dtype."""
+    """FSDP2 in place: each vision block and each decoder layer of the DepthVLM `model`, then `packed` (its
+    `PackedModel`, the module whose forward training calls) as the root (embeddings, head, depth branch, merger).
+    bf16: compute in bf16, reduce gradients in fp32 (GPU recipes); else everything in the parameters' dtype."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kwargs = {} if policy is None else {"mp_policy": policy}
-    # The packed forward runs each decoder layer twice (the prefixes, then the blocks that read the prefixes' cached
-    # keys and values); backward reaches the first call's weights through that cache, past the hooks a per-layer FSDP
-    # unit would use to gather them. So the language model belongs to the root unit: its weights are gathered for a
-    # whole forward and backward, while its gradients and AdamW states stay sharded.
-    for block in model.model.visual.blocks:
-        fully_shard(block, **kwargs)
+    for layer in [*model.model.visual.blocks, *model.model.language_model.layers]:
+        fully_shard(layer, **kwargs)
     fully_shard(packed, **kwargs)
 
 

@@ -42,10 +42,11 @@ class PackedModel(torch.nn.Module):
     forward per backward, as DDP needs): the packed query logits, and with `mdm_mode` head_only / joint the MDM
     head's depth maps (head_only: those only). Returns (logits or None, MDM depth maps or None)."""
 
-    def __init__(self, model: torch.nn.Module, mdm_mode: str = "off") -> None:
+    def __init__(self, model: torch.nn.Module, mdm_mode: str = "off", flex: bool = False) -> None:
         super().__init__()
         self.model = model
         self.mdm_mode = mdm_mode
+        self.flex = flex  # packed attention through CUDA flex_attention (`vlm_depth.model.packed_attention`)
 
     def train(self, mode: bool = True) -> PackedModel:
         super().train(mode)
@@ -55,7 +56,9 @@ class PackedModel(torch.nn.Module):
         return self
 
     def forward(self, batch: Batch, logits_to_keep: int | torch.Tensor = 0):
-        logits = None if self.mdm_mode == "head_only" else packed_forward(self.model, batch, logits_to_keep)
+        logits = None
+        if self.mdm_mode != "head_only":
+            logits = packed_forward(self.model, batch, logits_to_keep, flex=self.flex)
         mdm_depth = None if self.mdm_mode == "off" else mdm_predictions(self.model, batch)
         return logits, mdm_depth
 

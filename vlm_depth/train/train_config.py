@@ -35,8 +35,8 @@ class TrainConfig(DepthBranchConfig):
     )
     sharding: Literal["none", "fsdp"] = option(
         "Across the processes of `accelerate launch`: none (each holds the whole model; gradients averaged, DDP) or "
-        "fsdp (PyTorch FSDP2: weights, gradients and AdamW states sharded, one unit per vision block and one for the "
-        "rest; for finetune full of the 3B/7B models, launched with launch/fsdp.yaml).",
+        "fsdp (PyTorch FSDP2: weights, gradients and AdamW states sharded, one unit per vision block and per decoder "
+        "layer, one for the rest; for finetune full of the 3B/7B models, launched with launch/fsdp.yaml).",
         default="none",
     )
     lora_r: int = option("LoRA rank.", default=16)
@@ -151,6 +151,20 @@ class TrainConfig(DepthBranchConfig):
     mdm_mixed_keep_prob: float = option("MDM masking: probability of keeping a partly valid 14-px patch.", default=0.5)
     mdm_ratio_low: float = option("MDM masking: lowest share of patches masked per image.", default=0.6)
     mdm_ratio_high: float = option("MDM masking: highest share of patches masked per image.", default=0.9)
+    gradient_checkpointing: bool = option(
+        "Recompute every decoder layer and vision block in backward instead of keeping its activations (3B at K = "
+        "64: ~1.4 GiB per layer -> its input, ~21 MiB; costs one more forward of those layers, +44% FLOPs).",
+        default=False,
+    )
+    packed_attention: Literal["sdpa", "flex"] = option(
+        "Attention of the packed sequence: sdpa (two SDPA calls per layer, any device) or flex (one fused "
+        "flex_attention kernel; CUDA only, not run on a GPU yet).",
+        default="sdpa",
+    )
+    compile: bool = option(
+        "Regional torch.compile of the decoder layers (fuses their small kernels; the first steps compile).",
+        default=False,
+    )
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = option(
         "auto: bf16 on a CUDA GPU, fp32 on CPU.", default="auto"
     )
