@@ -230,7 +230,7 @@ def test_bad_requests_are_clear_config_errors(gt_folder, tmp_path):
 
 
 def test_a_suite_model_entry_reads_out_with_its_inference_preset(tmp_path):
-    from vlm_depth.eval.suite import readout_settings
+    from vlm_depth.infer.complete_config import preset_settings
 
     suite = tmp_path / "s.yaml"
     suite.write_text(
@@ -239,7 +239,7 @@ def test_a_suite_model_entry_reads_out_with_its_inference_preset(tmp_path):
     )
     fast, plain = load_suite(str(suite)).methods
     assert (fast.preset, plain.preset) == ("fast", "")
-    assert readout_settings("fast").query_budget == 1024 and readout_settings("default").query_budget == 4096
+    assert preset_settings("fast").query_budget == 1024 and preset_settings("default").query_budget == 4096
 
 
 @pytest.mark.parametrize("name", ["zero_shot", "label_free_vs_gt", "sample_frames"])

@@ -98,10 +98,10 @@ def suite_from_config(cfg: EvalConfig) -> Suite:
 
 def _model_predictor(method: Method, base_model: str) -> Predictor:
     """The checkpoint's `(rgb, sparse) -> depth` (the uncertainty the predictor also returns is not evaluated)."""
-    from vlm_depth.eval.suite import readout_settings
     from vlm_depth.infer.complete import make_predictor
+    from vlm_depth.infer.complete_config import preset_settings
 
-    settings = readout_settings(method.preset) if method.preset else None
+    settings = preset_settings(method.preset) if method.preset else None
     predict = make_predictor(method.model, readout=method.readout, settings=settings, base_model=base_model)
 
     def depth_only(rgb: np.ndarray, sparse: np.ndarray) -> np.ndarray:

@@ -4,13 +4,13 @@ which sparsity protocols, read from a suite YAML (top-level `eval/`) or built fr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vlm_depth.errors import ConfigError
 from vlm_depth.eval.baselines import BASELINES, get_baseline
-from vlm_depth.infer.readouts import ReadoutSettings
+from vlm_depth.infer.complete_config import preset_settings
 from vlm_depth.resources import load_yaml, resource_path
 
 
@@ -69,17 +69,8 @@ def model_method(model: str, readout: str = "query", name: str = "", preset: str
     if readout not in ("query", "mdm"):
         raise ConfigError(f"readout must be `query` or `mdm`, got {readout!r}")
     if preset:
-        readout_settings(preset)  # a missing or malformed preset fails here, before anything runs
+        preset_settings(preset)  # a missing or malformed preset fails here, before anything runs
     return Method(name=name or f"{Path(model).name}-{readout}", model=model, readout=readout, preset=preset)
-
-
-def readout_settings(preset: str) -> ReadoutSettings:
-    """The readout settings (query budget, stride, refinement, ...) of the inference preset `preset`."""
-    from vlm_depth.config import load_config
-    from vlm_depth.infer.complete_config import CompleteConfig
-
-    complete = load_config(CompleteConfig, preset)
-    return ReadoutSettings(**{f.name: getattr(complete, f.name) for f in fields(ReadoutSettings)})
 
 
 def dataset_name(spec: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from vlm_depth.config import check_options, option
+from vlm_depth.config import check_options, load_config, option, pick
 from vlm_depth.data.depth_io import check_depth_scale
 from vlm_depth.depth import colormap
 from vlm_depth.errors import ConfigError
@@ -65,3 +65,9 @@ class CompleteConfig(ReadoutSettings):
         if self.dataset and (self.depth or self.intrinsics):
             given = "--depth" if self.depth else "--intrinsics"
             raise ConfigError(f"{given} applies to an --rgb pair; a --dataset brings its own depth and intrinsics")
+
+
+def preset_settings(preset: str) -> ReadoutSettings:
+    """The readout settings (query budget, stride, refinement, ...) of the inference preset `preset` (a name in the
+    top-level `infer/` folder, or a path)."""
+    return pick(ReadoutSettings, load_config(CompleteConfig, preset))
