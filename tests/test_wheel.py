@@ -111,6 +111,7 @@ def test_wheel_holds_every_module_and_shipped_file(wheel_env):
 CHECK_INSTALLED = r"""
 import peft, vlm_depth.train.trainer, vlm_depth.model.finetune  # on CPU without bitsandbytes: no warning printed
 import hashlib, importlib.metadata as md, importlib.util, json, sys
+from accelerate.commands.config.config_args import ClusterConfig
 from packaging.requirements import Requirement
 import vlm_depth
 from vlm_depth.cli import COMMANDS, _resolve
@@ -132,6 +133,8 @@ for kind, names in kinds.items():
             PromptTemplate.load(name)
         elif kind == "eval":
             load_suite(name)
+        elif kind == "launch":
+            ClusterConfig.from_yaml_file(path)  # accelerate's own reader of `accelerate launch --config_file`
         else:
             command = COMMANDS["train" if kind == "train" else "complete"]
             parse_config(_resolve(command.config), ["--config", name])
