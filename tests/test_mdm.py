@@ -451,6 +451,7 @@ def test_head_only_training_reduces_masked_pixel_l1_and_leaves_the_vlm_frozen(ti
     after = summary["validation"]["val_mdm_l1_masked"]
     assert after < 0.5 * before, f"masked-pixel L1 on held-out images: {before:.3f} m before, {after:.3f} m after"
     assert summary["mdm_loss_last"] < summary["mdm_loss_first"]  # training loss, first vs last 20 steps
+    assert summary["mae_first"] is None  # no text query ran: no text MAE (not a 0.0 that reads as a perfect fit)
 
     final = DepthVLM.from_pretrained(summary["final"]).eval()
     reloaded = validate_mdm(final, val, processor.image_processor)["val_mdm_l1_masked"]

@@ -76,9 +76,10 @@ def fit(run: Run) -> None:
                 fault_point(f"step@{step}")
                 append_log(cfg.out, row, fault=f"log@{step}")
                 bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", mae=f"{row['mae']:.3f}", qps=f"{row['queries_per_s']:.1f}")
+                shown = {key: f"{row[key]:.4f}" for key in ("loss", "ce", "mae", "mdm_loss") if key in row}
+                bar.set_postfix(shown, qps=f"{row['queries_per_s']:.1f}")
                 if step % cfg.log_every == 0:
-                    logger.info("step %d: loss %.4f ce %.4f mae %.3f m", step, row["loss"], row["ce"], row["mae"])
+                    logger.info("step %d: %s", step, " ".join(f"{key} {value}" for key, value in shown.items()))
             if (cfg.save_every and step % cfg.save_every == 0) or step == last:
                 save_checkpoint(acc, cfg.out, step, cfg.keep_checkpoints)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != run.max_steps:
