@@ -25,6 +25,7 @@ from vlm_depth.errors import ConfigError, ModelError
 from vlm_depth.infer.answers import FLAG_CLIPPED, QueryAnswers
 from vlm_depth.infer.assemble import assemble, cell_pixels, refinement_pixels, stride_for_budget
 from vlm_depth.infer.decoder import Packing, QueryDecoder
+from vlm_depth.model.measure import clock
 from vlm_depth.prompts.chat import ChatLayout, QueryTokens
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,8 @@ def query_readout(
 ) -> ReadoutOutput:
     """Pixel-query readout (see the module docstring). sparse: (H, W) meters on the RGB grid, 0 = missing."""
     timings: dict[str, float] = {}
-    start = time.perf_counter()
+    device = model.device  # clock() waits for its queued kernels, so each phase is charged its own GPU work
+    start = clock(device)
     layout = chat_layout(model, processor.tokenizer)
     decoder = QueryDecoder(
         model,
@@ -136,7 +138,7 @@ def query_readout(
     valid = valid_mask(sparse)
     inputs = processor(rgb, sparse if valid.any() else None, text=layout.prefix_text())
     prefix = decoder.encode_prefix(inputs)
-    timings["prefix_s"] = time.perf_counter() - start
+    timings["prefix_s"] = clock(device) - start
 
     stride = settings.stride or stride_for_budget(sparse.shape, settings.query_budget)
     askable = np.ones_like(valid) if settings.refine_keep else ~valid
@@ -148,25 +150,25 @@ def query_readout(
     def fill(rows: np.ndarray, cols: np.ndarray, answers: QueryAnswers) -> tuple[np.ndarray, np.ndarray]:
         return assemble(rgb, sparse, rows, cols, answers.value, answers.spread, radius=stride)
 
-    start = time.perf_counter()
+    start = clock(device)
     rows, cols = cell_pixels(askable, stride)
     answers = ask(rows, cols)
-    timings["decode_s"] = time.perf_counter() - start
-    start = time.perf_counter()
+    timings["decode_s"] = clock(device) - start
+    start = clock(device)
     depth, uncertainty = fill(rows, cols, answers)
-    timings["assemble_s"] = time.perf_counter() - start
+    timings["assemble_s"] = clock(device) - start
     if settings.refine_queries > 0:
-        start = time.perf_counter()
+        start = clock(device)
         askable[rows, cols] = False
         extra_rows, extra_cols = refinement_pixels(
             rgb, uncertainty, depth, askable, stride, settings.refine_queries, settings.refine_by
         )
         answers = QueryAnswers.concat([answers, ask(extra_rows, extra_cols)])
         rows, cols = np.concatenate([rows, extra_rows]), np.concatenate([cols, extra_cols])
-        timings["refine_decode_s"] = time.perf_counter() - start
-        start = time.perf_counter()
+        timings["refine_decode_s"] = clock(device) - start
+        start = clock(device)
         depth, uncertainty = fill(rows, cols, answers)
-        timings["assemble_s"] += time.perf_counter() - start
+        timings["assemble_s"] += clock(device) - start
     counts = answers.counts() | ({} if settings.check_forced else {"forced": None})
     if counts["unparseable"] or counts["clipped"]:
         logger.warning(
