@@ -79,11 +79,9 @@ def save_optimizer_state(root: torch.nn.Module, optimizer: torch.optim.Optimizer
 
     state = get_optimizer_state_dict(root, optimizer, options=StateDictOptions(full_state_dict=True))
     if main:
-        tensors = {
-            f"state/{name}/{key}": full(value).detach().cpu().contiguous()
-            for name, entry in state["state"].items()
-            for key, value in entry.items()
-        }
+        tensors = gather_state(
+            {f"state/{name}/{key}": value for name, entry in state["state"].items() for key, value in entry.items()}
+        )
         save_file(tensors, str(path), metadata={"param_groups": json.dumps(state["param_groups"])})
 
 
