@@ -74,9 +74,15 @@ def _fill_mae(result: Mapping[str, Any]) -> float:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
 
 
-def _against(own: float, name: str, value: float) -> str:
-    verb = "beats" if own < value else "ties with" if own == value else "loses to"
-    return f"{verb} `{name}` ({value:.3f} m)"
+def _against(own: float, fill_maes: Mapping[str, float]) -> str:
+    """How the fill MAE `own` (meters) compares with the two simple fills, `nearest` and `linear`, in `fill_maes`
+    (method -> fill MAE); e.g. "beats `nearest` (0.848 m) and loses to `linear` (0.787 m)"."""
+    parts = []
+    for name in ("nearest", "linear"):
+        value = fill_maes[name]
+        verb = "beats" if own < value else "ties with" if own == value else "loses to"
+        parts.append(f"{verb} `{name}` ({value:.3f} m)")
+    return " and ".join(parts)
 
 
 def headline(results: Sequence[Mapping[str, Any]], cfg: DemoConfig) -> str:
@@ -86,7 +92,7 @@ def headline(results: Sequence[Mapping[str, Any]], cfg: DemoConfig) -> str:
     best = min((model_name(r) for r in readouts(cfg)), key=lambda name: _fill_mae(by_name[name]))
     own = _fill_mae(by_name[best])
     line = f"The best learned readout, `{best}` (label-free), fills the sensor's holes with MAE {own:.3f} m: "
-    line += " and ".join(_against(own, b, _fill_mae(by_name[b])) for b in ("nearest", "linear")) + "."
+    line += _against(own, {name: _fill_mae(r) for name, r in by_name.items()}) + "."
     if cfg.gt_labels:
         gaps = [
             (r, _fill_mae(by_name[model_name(r)]) - _fill_mae(by_name[model_name(r, "gt")])) for r in readouts(cfg)
@@ -158,7 +164,7 @@ def real_section(real: Mapping[str, Any], cfg: DemoConfig) -> list[str]:
     for entry in entries:
         name = min(models, key=lambda m: _fill_mae(by_key[(entry.name, m)]))
         own = _fill_mae(by_key[(entry.name, name)])
-        against = " and ".join(_against(own, b, _fill_mae(by_key[(entry.name, b)])) for b in ("nearest", "linear"))
+        against = _against(own, {m: _fill_mae(by_key[(entry.name, m)]) for m in methods})
         lines.append(f"- {entry.name}: the best learned readout, `{name}` ({own:.3f} m), {against}.")
     return lines
 
